@@ -1,0 +1,23 @@
+//! `time-onnx doctor`: which ONNX Runtime is used, and whether CUDA works.
+
+use ort::ep::ExecutionProvider;
+use time_onnx::runtime::Runtime;
+
+pub fn run() -> anyhow::Result<()> {
+    let rt = Runtime::load()?;
+    println!("library: {}", rt.library().display());
+    println!("{}", rt.build_info());
+    let cuda = match ort::ep::CUDA::is_available() {
+        Ok(false) => {
+            "not in this build of ONNX Runtime (scripts/setup.sh --cuda installs the GPU build)"
+                .to_string()
+        }
+        Err(e) => format!("cannot tell: {e}"),
+        Ok(true) => match rt.cuda_check() {
+            Ok(()) => "available".to_string(),
+            Err(e) => format!("in this build, but it does not start: {e}"),
+        },
+    };
+    println!("CUDA execution provider: {cuda}");
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Command-line interface: argument definitions and one function per command.
+//! Only this module knows clap; the library sees plain option structs.
+
+mod doctor;
+mod inspect;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Edit the implicit assumptions of Stable Diffusion models inside their ONNX
+/// files (TIME, Orgad et al. 2023), and generate images with the result.
+#[derive(Debug, Parser)]
+#[command(name = "time-onnx", version, max_term_width = 100)]
+pub struct Cli {
+    /// More log output (-v: info, -vv: debug, -vvv: trace), including ONNX Runtime's own messages.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply a TIME edit to a UNet's cross-attention weights, writing a new ONNX file.
+    Edit(EditArgs),
+    /// Generate images from a Stable Diffusion ONNX model folder.
+    Generate(GenerateArgs),
+    /// Show what an ONNX model contains: inputs, outputs, weight storage.
+    Inspect(inspect::InspectArgs),
+    /// Check which ONNX Runtime library is used and which execution providers work.
+    Doctor,
+}
+
+/// `time-onnx edit` (its implementation lands with the edit issue).
+#[derive(Debug, Args)]
+struct EditArgs {
+    /// The UNet to edit, e.g. model/unet/model.onnx.
+    unet: PathBuf,
+    /// The source prompt: what the model assumes, e.g. "A pack of roses".
+    #[arg(long)]
+    src: String,
+    /// The destination prompt: what it should assume, e.g. "A pack of blue roses".
+    #[arg(long)]
+    dst: String,
+    /// Where to write the edited UNet.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// `time-onnx generate` (its implementation lands with the generate issue).
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// The model folder (diffusers or optimum ONNX layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Output PNG.
+    #[arg(short, long, default_value = "out.png")]
+    output: PathBuf,
+}
+
+/// How much to log.
+#[derive(Clone, Copy, Debug)]
+pub enum Verbosity {
+    /// Errors only.
+    Quiet,
+    /// Warnings and errors (the default).
+    Normal,
+    /// -v, -vv, -vvv.
+    Verbose(u8),
+}
+
+impl Cli {
+    /// The log level the flags ask for.
+    pub fn verbosity(&self) -> Verbosity {
+        match (self.quiet, self.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (false, 0) => Verbosity::Normal,
+            (false, n) => Verbosity::Verbose(n),
+        }
+    }
+}
+
+/// Routes `tracing` (ours and ort's, which reports e.g. an execution provider
+/// that failed to register) to stderr at the requested level.
+pub fn init_logging(v: Verbosity) {
+    let level = match v {
+        Verbosity::Quiet => "error",
+        Verbosity::Normal => "warn",
+        Verbosity::Verbose(1) => "info",
+        Verbosity::Verbose(2) => "debug",
+        Verbosity::Verbose(_) => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_target(matches!(v, Verbosity::Verbose(_)))
+        .without_time()
+        .init();
+}
+
+/// Runs the chosen command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli {
+        verbose: _,
+        quiet: _,
+        command,
+    } = cli;
+    match command {
+        Command::Edit(_) => {
+            anyhow::bail!("`edit` is not implemented yet in this version of time-onnx")
+        }
+        Command::Generate(_) => {
+            anyhow::bail!("`generate` is not implemented yet in this version of time-onnx")
+        }
+        Command::Inspect(args) => inspect::run(args),
+        Command::Doctor => doctor::run(),
+    }
+}
