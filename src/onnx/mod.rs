@@ -1,8 +1,10 @@
 //! ONNX files: the protobuf schema we read, opening models without copying
 //! their weights, and locating tensor bytes (inline or in external data).
 
+pub mod cross_attention;
 mod dtype;
 mod model;
+pub mod patch;
 pub mod proto;
 pub mod summary;
 

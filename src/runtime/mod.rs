@@ -46,3 +46,39 @@ impl Runtime {
         Ok(())
     }
 }
+
+/// Why a model could not be opened or run.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// ONNX Runtime refused the model or failed while running it.
+    #[error("{path}: {source}")]
+    Ort {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        #[source]
+        source: ort::Error,
+    },
+    /// The model's inputs or outputs are not what its role needs.
+    #[error("{path}: {why}")]
+    Interface {
+        /// The model file.
+        path: PathBuf,
+        /// What does not fit.
+        why: String,
+    },
+}
+
+impl Runtime {
+    /// Opens a session for `path` on the CPU provider.
+    pub fn session(&self, path: &Path) -> Result<ort::session::Session, SessionError> {
+        let err = |source: ort::Error| SessionError::Ort {
+            path: path.to_path_buf(),
+            source,
+        };
+        ort::session::Session::builder(&self.env)
+            .map_err(err)?
+            .commit_from_file(path)
+            .map_err(err)
+    }
+}

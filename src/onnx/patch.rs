@@ -1,0 +1,491 @@
+//! Writing a model with some initializers replaced, without re-encoding it.
+//!
+//! prost drops fields it does not know, so a decoded-then-encoded model could
+//! silently lose data. Instead the output is a copy of the input in which only
+//! the edited tensors' bytes differ (same dtype and shape, same byte length),
+//! plus `metadata_props` entries appended at the end of the file (a repeated
+//! top-level field may appear anywhere, so appending is valid protobuf).
+//!
+//! External data is copied beside the output under a name derived from it. The
+//! model file's `location` strings must then change, which changes lengths of
+//! the messages that enclose them: those few messages are re-emitted at the
+//! wire level, every other byte copied verbatim.
+//!
+//! Every file is written to a temporary name in the destination folder and
+//! renamed into place at the end, so a failure never leaves a half file under
+//! the output name, and the input is only ever read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use super::proto::StringStringEntryProto;
+use super::{Model, OnnxError, Storage, TensorInfo};
+
+/// New bytes for one initializer; as long as the old ones.
+pub struct TensorPatch {
+    /// Where the old bytes are.
+    pub tensor: TensorInfo,
+    /// The replacement, little-endian, `tensor.nbytes` long.
+    pub data: Vec<u8>,
+}
+
+/// Why writing failed. Nothing is left under the output names when it does.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Reading the input went wrong.
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    /// The output would overwrite the input or its data.
+    #[error("output {output} would overwrite the input {input}; choose another output path")]
+    SameAsInput {
+        /// The output path.
+        output: PathBuf,
+        /// The input file it collides with.
+        input: PathBuf,
+    },
+    /// A replacement of the wrong length.
+    #[error("replacement for {tensor:?} has {got} bytes, the tensor has {expected}")]
+    LengthMismatch {
+        /// The tensor.
+        tensor: String,
+        /// Bytes given.
+        got: usize,
+        /// Bytes stored.
+        expected: u64,
+    },
+    /// A tensor stored in typed fields cannot be patched in place.
+    #[error("tensor {0:?} is stored in typed fields, which time-onnx cannot patch")]
+    Unpatchable(String),
+    /// The model's wire format has something we cannot walk.
+    #[error("{path}: unexpected protobuf structure: {why}")]
+    Wire {
+        /// The model.
+        path: PathBuf,
+        /// What was found.
+        why: String,
+    },
+    /// A filesystem operation failed.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file being written.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What was written.
+#[derive(Debug)]
+pub struct Written {
+    /// The model file.
+    pub model: PathBuf,
+    /// External data files written beside it.
+    pub data_files: Vec<PathBuf>,
+}
+
+/// Writes `model` with `patches` applied and `metadata` appended to `output`.
+pub fn write_patched(
+    model: &Model,
+    patches: &[TensorPatch],
+    metadata: &[(String, String)],
+    output: &Path,
+) -> Result<Written, WriteError> {
+    for p in patches {
+        if p.data.len() as u64 != p.tensor.nbytes {
+            return Err(WriteError::LengthMismatch {
+                tensor: p.tensor.name.clone(),
+                got: p.data.len(),
+                expected: p.tensor.nbytes,
+            });
+        }
+        if p.tensor.storage == Storage::Typed {
+            return Err(WriteError::Unpatchable(p.tensor.name.clone()));
+        }
+    }
+    let out_dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let out_name = output
+        .file_name()
+        .ok_or_else(|| WriteError::Io {
+            path: output.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+        })?
+        .to_string_lossy()
+        .into_owned();
+
+    // Every external file the graph's initializers use, and its new name.
+    let mut locations = BTreeMap::new();
+    for t in &model.graph()?.initializer {
+        if let Storage::External { location, .. } = model.tensor_info(t)?.storage {
+            locations.entry(location).or_insert_with(String::new);
+        }
+    }
+    let single = locations.len() == 1;
+    for (old, new) in locations.iter_mut() {
+        *new = if single {
+            format!("{out_name}_data")
+        } else {
+            format!("{out_name}_data.{}", sanitize(old))
+        };
+    }
+
+    // Refuse to write over any file we read.
+    let mut inputs = vec![model.path().to_path_buf()];
+    for old in locations.keys() {
+        inputs.push(model.external_path(old)?);
+    }
+    let mut outputs = vec![output.to_path_buf()];
+    outputs.extend(locations.values().map(|n| out_dir.join(n)));
+    for o in &outputs {
+        for i in &inputs {
+            if same_file(o, i) {
+                return Err(WriteError::SameAsInput {
+                    output: o.clone(),
+                    input: i.clone(),
+                });
+            }
+        }
+    }
+
+    let mut staged = Staged::default();
+    // External files: copy, then patch in place.
+    for (old, new) in &locations {
+        let src = model.external_path(old)?;
+        let tmp = staged.create(&out_dir, new)?;
+        copy_into(&src, &tmp.file, &tmp.path)?;
+        for p in patches {
+            if let Storage::External { location, offset } = &p.tensor.storage
+                && location == old
+            {
+                tmp.file
+                    .write_all_at(&p.data, *offset)
+                    .map_err(|source| io(&tmp.path, source))?;
+            }
+        }
+    }
+    // The model file.
+    let tmp = staged.create(&out_dir, &out_name)?;
+    let tail = encode_metadata(metadata);
+    if locations.is_empty() {
+        copy_into(model.path(), &tmp.file, &tmp.path)?;
+        for p in patches {
+            if let Storage::Inline { offset } = p.tensor.storage {
+                tmp.file
+                    .write_all_at(&p.data, offset)
+                    .map_err(|source| io(&tmp.path, source))?;
+            }
+        }
+        (&tmp.file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| io(&tmp.path, source))?;
+    } else {
+        let inline: HashMap<&str, &[u8]> = patches
+            .iter()
+            .filter(|p| matches!(p.tensor.storage, Storage::Inline { .. }))
+            .map(|p| (p.tensor.name.as_str(), p.data.as_slice()))
+            .collect();
+        let rename: HashMap<&str, &str> = locations
+            .iter()
+            .map(|(o, n)| (o.as_str(), n.as_str()))
+            .collect();
+        let rewritten =
+            wire::rewrite_model(model.file_bytes(), &rename, &inline).map_err(|why| {
+                WriteError::Wire {
+                    path: model.path().to_path_buf(),
+                    why,
+                }
+            })?;
+        (&tmp.file)
+            .write_all(&rewritten)
+            .map_err(|source| io(&tmp.path, source))?;
+    }
+    (&tmp.file)
+        .write_all(&tail)
+        .map_err(|source| io(&tmp.path, source))?;
+
+    let written = Written {
+        model: output.to_path_buf(),
+        data_files: outputs[1..].to_vec(),
+    };
+    staged.commit(&out_dir)?;
+    Ok(written)
+}
+
+/// `metadata_props` entries (ModelProto field 14) as bytes to append.
+fn encode_metadata(entries: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        let entry = StringStringEntryProto {
+            key: key.clone(),
+            value: value.clone(),
+        }
+        .encode_to_vec();
+        wire::put_varint(&mut out, (14 << 3) | 2);
+        wire::put_varint(&mut out, entry.len() as u64);
+        out.extend_from_slice(&entry);
+    }
+    out
+}
+
+fn sanitize(location: &str) -> String {
+    location
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> WriteError {
+    WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Copies `src` into the (empty) `dst`; on Linux `io::copy` between files is
+/// done by the kernel (`copy_file_range`, a reflink where the filesystem can).
+fn copy_into(src: &Path, mut dst: &File, dst_path: &Path) -> Result<(), WriteError> {
+    let mut input = File::open(src).map_err(|source| OnnxError::Io {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    std::io::copy(&mut input, &mut dst).map_err(|source| io(dst_path, source))?;
+    Ok(())
+}
+
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    dest: PathBuf,
+}
+
+/// Temporary files that become the outputs on commit, and are removed if
+/// anything fails before.
+#[derive(Default)]
+struct Staged {
+    files: Vec<TempFile>,
+}
+
+impl Staged {
+    fn create(&mut self, dir: &Path, name: &str) -> Result<&TempFile, WriteError> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| io(&path, source))?;
+        self.files.push(TempFile {
+            path,
+            file,
+            dest: dir.join(name),
+        });
+        Ok(self.files.last().expect("just pushed"))
+    }
+
+    /// Flushes every file to disk, then renames them into place, data files
+    /// before the model that points at them. The destination folder is locked
+    /// meanwhile so that two writers of the same output cannot interleave
+    /// their renames (which would pair one's model with the other's data).
+    fn commit(mut self, dir: &Path) -> Result<(), WriteError> {
+        for f in &self.files {
+            f.file.sync_all().map_err(|source| io(&f.path, source))?;
+        }
+        let lock = File::open(dir).map_err(|source| io(dir, source))?;
+        lock.lock().map_err(|source| io(dir, source))?;
+        for f in &self.files {
+            std::fs::rename(&f.path, &f.dest).map_err(|source| io(&f.dest, source))?;
+        }
+        self.files.clear();
+        let _ = lock.sync_all();
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(&f.path);
+        }
+    }
+}
+
+/// Just enough of the protobuf wire format to re-emit the messages on the
+/// path from the model to a tensor's `location` or `raw_data`.
+mod wire {
+    use std::collections::HashMap;
+
+    pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *buf.get(*pos).ok_or("truncated varint")?;
+            *pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+
+    /// One field: its number, wire type, whole byte range and (for
+    /// length-delimited fields) its payload range.
+    struct Field {
+        number: u64,
+        wire: u64,
+        whole: std::ops::Range<usize>,
+        payload: std::ops::Range<usize>,
+    }
+
+    fn fields(buf: &[u8]) -> Result<Vec<Field>, String> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < buf.len() {
+            let start = pos;
+            let key = varint(buf, &mut pos)?;
+            let (number, wire) = (key >> 3, key & 7);
+            let payload_start;
+            match wire {
+                0 => {
+                    varint(buf, &mut pos)?;
+                    payload_start = pos;
+                }
+                1 | 5 => {
+                    payload_start = pos;
+                    pos += if wire == 1 { 8 } else { 4 };
+                }
+                2 => {
+                    let len =
+                        usize::try_from(varint(buf, &mut pos)?).map_err(|_| "length overflows")?;
+                    payload_start = pos;
+                    pos = pos.checked_add(len).ok_or("length overflows")?;
+                }
+                w => return Err(format!("wire type {w} in field {number}")),
+            }
+            if pos > buf.len() {
+                return Err(format!("field {number} runs past its message"));
+            }
+            out.push(Field {
+                number,
+                wire,
+                whole: start..pos,
+                payload: payload_start..pos,
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_len(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
+        put_varint(out, (number << 3) | 2);
+        put_varint(out, payload.len() as u64);
+        out.extend_from_slice(payload);
+    }
+
+    /// Re-emits a message, passing the payload of each length-delimited field
+    /// numbered `number` through `f` (which returns `None` to keep it as is).
+    fn map_field(
+        buf: &[u8],
+        number: u64,
+        mut f: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, String>,
+    ) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(buf.len());
+        for field in fields(buf)? {
+            if field.number == number && field.wire == 2 {
+                if let Some(new) = f(&buf[field.payload.clone()])? {
+                    put_len(&mut out, number, &new);
+                    continue;
+                }
+            }
+            out.extend_from_slice(&buf[field.whole]);
+        }
+        Ok(out)
+    }
+
+    /// ModelProto.graph (7) → GraphProto.initializer (5) → TensorProto:
+    /// `external_data` (13) locations renamed, `raw_data` (9) replaced.
+    pub fn rewrite_model(
+        model: &[u8],
+        rename: &HashMap<&str, &str>,
+        raw: &HashMap<&str, &[u8]>,
+    ) -> Result<Vec<u8>, String> {
+        map_field(model, 7, |graph| {
+            map_field(graph, 5, |tensor| {
+                rewrite_tensor(tensor, rename, raw).map(Some)
+            })
+            .map(Some)
+        })
+    }
+
+    fn rewrite_tensor(
+        tensor: &[u8],
+        rename: &HashMap<&str, &str>,
+        raw: &HashMap<&str, &[u8]>,
+    ) -> Result<Vec<u8>, String> {
+        let name = fields(tensor)?
+            .into_iter()
+            .find(|f| f.number == 8 && f.wire == 2)
+            .map(|f| String::from_utf8_lossy(&tensor[f.payload]).into_owned())
+            .unwrap_or_default();
+        let with_raw = match raw.get(name.as_str()) {
+            Some(data) => map_field(tensor, 9, |old| {
+                if old.len() != data.len() {
+                    return Err(format!("raw_data of {name:?} changed length"));
+                }
+                Ok(Some(data.to_vec()))
+            })?,
+            None => tensor.to_vec(),
+        };
+        map_field(&with_raw, 13, |entry| {
+            let parts = fields(entry)?;
+            let text = |n| {
+                parts
+                    .iter()
+                    .find(|f| f.number == n && f.wire == 2)
+                    .map(|f| &entry[f.payload.clone()])
+            };
+            if text(1) != Some(b"location".as_slice()) {
+                return Ok(None);
+            }
+            let old = String::from_utf8_lossy(text(2).unwrap_or_default()).into_owned();
+            let new = rename
+                .get(old.as_str())
+                .ok_or_else(|| format!("no new name for location {old:?}"))?;
+            let mut out = Vec::new();
+            put_len(&mut out, 1, b"location");
+            put_len(&mut out, 2, new.as_bytes());
+            Ok(Some(out))
+        })
+    }
+}
