@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::proto::{ValueInfoProto, tensor_shape_proto::dimension, type_proto};
-use super::{DataType, Model, OnnxError, Storage};
+use super::cross_attention::{self, LocateError, Role};
+use super::{DataType, Model, Storage};
 
 /// A model's description, printable or serialisable to JSON.
 #[derive(Debug, Serialize)]
@@ -29,6 +30,23 @@ pub struct Summary {
     pub storage: StorageSummary,
     /// `metadata_props` entries, in file order.
     pub metadata: Vec<(String, String)>,
+    /// The UNet's cross-attention K/V weights, when the graph has the text input.
+    pub cross_attention: Option<Vec<CrossAttentionWeight>>,
+}
+
+/// One K/V projection weight, as reported.
+#[derive(Debug, Serialize)]
+pub struct CrossAttentionWeight {
+    /// Initializer name.
+    pub initializer: String,
+    /// "key", "value" or "packed_key_value".
+    pub role: Role,
+    /// Element type.
+    pub dtype: String,
+    /// Stored shape.
+    pub shape: Vec<usize>,
+    /// Diffusers module path, when known.
+    pub module: Option<String>,
 }
 
 /// A graph input or output.
@@ -66,7 +84,7 @@ pub struct ExternalFile {
 
 impl Summary {
     /// Describes `model`. Validates every initializer header on the way.
-    pub fn of(model: &Model) -> Result<Self, OnnxError> {
+    pub fn of(model: &Model) -> Result<Self, LocateError> {
         let proto = model.proto();
         let graph = model.graph()?;
         let mut storage = StorageSummary {
@@ -85,7 +103,24 @@ impl Summary {
                 Storage::Typed => storage.typed += 1,
             }
         }
+        let cross_attention = match cross_attention::locate(model) {
+            Ok(found) => Some(
+                found
+                    .into_iter()
+                    .map(|p| CrossAttentionWeight {
+                        initializer: p.initializer,
+                        role: p.role,
+                        dtype: p.tensor.dtype.to_string(),
+                        shape: p.tensor.shape,
+                        module: p.module,
+                    })
+                    .collect(),
+            ),
+            Err(LocateError::NoTextInput { .. }) => None,
+            Err(e) => return Err(e),
+        };
         Ok(Self {
+            cross_attention,
             path: model.path().display().to_string(),
             ir_version: proto.ir_version,
             opsets: proto
@@ -183,6 +218,18 @@ impl std::fmt::Display for Summary {
         }
         if s.typed > 0 {
             writeln!(f, "    {} in typed fields", s.typed)?;
+        }
+        if let Some(ca) = &self.cross_attention {
+            writeln!(f, "  cross-attention: {} K/V weights", ca.len())?;
+            for w in ca {
+                let role = match w.role {
+                    Role::Key => "K".to_string(),
+                    Role::Value => "V".to_string(),
+                    Role::PackedKeyValue { heads } => format!("KV packed, {heads} heads"),
+                };
+                let module = w.module.as_deref().unwrap_or("-");
+                writeln!(f, "    {role:<3} {} {:?} {} {module}", w.dtype, w.shape, w.initializer)?;
+            }
         }
         for (k, v) in &self.metadata {
             writeln!(f, "  metadata {k} = {v}")?;
