@@ -2,9 +2,15 @@
 //! Stable Diffusion ONNX exports, and a runner for the edited models.
 //!
 //! The modules follow the data: [`onnx`] reads model files without copying
-//! their weights; [`runtime`] loads ONNX Runtime and runs sessions.
+//! their weights; [`runtime`] loads ONNX Runtime and runs sessions;
+//! [`text`] turns prompts into token ids; [`edit`] computes TIME's edit
+//! operator from text embeddings.
 
 #![deny(missing_docs)]
 
+pub mod edit;
 pub mod onnx;
 pub mod runtime;
+pub mod text;
+pub mod unet;
+pub mod workflow;

@@ -180,11 +180,11 @@ fn truncated_and_random_files_give_errors_not_panics() {
     for len in 0..full.len() {
         std::fs::write(&cut, &full[..len]).unwrap();
         // Either an error, or (at a message boundary) a valid shorter model.
-        if let Ok(m) = Model::open(&cut) {
-            if let Ok(g) = m.graph() {
-                for t in &g.initializer {
-                    let _ = m.tensor_info(t);
-                }
+        if let Ok(m) = Model::open(&cut)
+            && let Ok(g) = m.graph()
+        {
+            for t in &g.initializer {
+                let _ = m.tensor_info(t);
             }
         }
     }

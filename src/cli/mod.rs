@@ -2,6 +2,7 @@
 //! Only this module knows clap; the library sees plain option structs.
 
 mod doctor;
+mod edit;
 mod inspect;
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "time-onnx", version, max_term_width = 100)]
 pub struct Cli {
-    /// More log output (-v: info, -vv: debug, -vvv: trace), including ONNX Runtime's own messages.
+    /// More log output (-v: info, -vv: debug, -vvv: trace); ONNX Runtime's own messages from -vv.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Only errors.
@@ -26,29 +27,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Apply a TIME edit to a UNet's cross-attention weights, writing a new ONNX file.
-    Edit(EditArgs),
+    Edit(edit::EditArgs),
     /// Generate images from a Stable Diffusion ONNX model folder.
     Generate(GenerateArgs),
     /// Show what an ONNX model contains: inputs, outputs, weight storage.
     Inspect(inspect::InspectArgs),
     /// Check which ONNX Runtime library is used and which execution providers work.
     Doctor,
-}
-
-/// `time-onnx edit` (its implementation lands with the edit issue).
-#[derive(Debug, Args)]
-struct EditArgs {
-    /// The UNet to edit, e.g. model/unet/model.onnx.
-    unet: PathBuf,
-    /// The source prompt: what the model assumes, e.g. "A pack of roses".
-    #[arg(long)]
-    src: String,
-    /// The destination prompt: what it should assume, e.g. "A pack of blue roses".
-    #[arg(long)]
-    dst: String,
-    /// Where to write the edited UNet.
-    #[arg(short, long)]
-    output: PathBuf,
 }
 
 /// `time-onnx generate` (its implementation lands with the generate issue).
@@ -90,11 +75,13 @@ impl Cli {
 /// Routes `tracing` (ours and ort's, which reports e.g. an execution provider
 /// that failed to register) to stderr at the requested level.
 pub fn init_logging(v: Verbosity) {
+    // ONNX Runtime logs every graph transformation at info level: keep its
+    // messages one step quieter than ours.
     let level = match v {
         Verbosity::Quiet => "error",
         Verbosity::Normal => "warn",
-        Verbosity::Verbose(1) => "info",
-        Verbosity::Verbose(2) => "debug",
+        Verbosity::Verbose(1) => "info,ort=warn",
+        Verbosity::Verbose(2) => "debug,ort=info",
         Verbosity::Verbose(_) => "trace",
     };
     tracing_subscriber::fmt()
@@ -113,9 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         command,
     } = cli;
     match command {
-        Command::Edit(_) => {
-            anyhow::bail!("`edit` is not implemented yet in this version of time-onnx")
-        }
+        Command::Edit(args) => edit::run(args),
         Command::Generate(_) => {
             anyhow::bail!("`generate` is not implemented yet in this version of time-onnx")
         }

@@ -422,11 +422,12 @@ mod wire {
     ) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(buf.len());
         for field in fields(buf)? {
-            if field.number == number && field.wire == 2 {
-                if let Some(new) = f(&buf[field.payload.clone()])? {
-                    put_len(&mut out, number, &new);
-                    continue;
-                }
+            if field.number == number
+                && field.wire == 2
+                && let Some(new) = f(&buf[field.payload.clone()])?
+            {
+                put_len(&mut out, number, &new);
+                continue;
             }
             out.extend_from_slice(&buf[field.whole]);
         }

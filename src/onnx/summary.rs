@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::proto::{ValueInfoProto, tensor_shape_proto::dimension, type_proto};
 use super::cross_attention::{self, LocateError, Role};
+use super::proto::{ValueInfoProto, tensor_shape_proto::dimension, type_proto};
 use super::{DataType, Model, Storage};
 
 /// A model's description, printable or serialisable to JSON.
@@ -146,10 +146,10 @@ impl Summary {
 
 impl Port {
     fn of(v: &ValueInfoProto) -> Self {
-        let tensor = v.r#type.as_ref().and_then(|t| match &t.value {
-            Some(type_proto::Value::TensorType(t)) => Some(t),
-            None => None,
-        });
+        let tensor = v
+            .r#type
+            .as_ref()
+            .and_then(|t| t.value.as_ref().map(|type_proto::Value::TensorType(t)| t));
         let dtype = tensor.map_or("?".into(), |t| DataType::from_i32(t.elem_type).to_string());
         let shape = tensor
             .and_then(|t| t.shape.as_ref())
@@ -228,7 +228,11 @@ impl std::fmt::Display for Summary {
                     Role::PackedKeyValue { heads } => format!("KV packed, {heads} heads"),
                 };
                 let module = w.module.as_deref().unwrap_or("-");
-                writeln!(f, "    {role:<3} {} {:?} {} {module}", w.dtype, w.shape, w.initializer)?;
+                writeln!(
+                    f,
+                    "    {role:<3} {} {:?} {} {module}",
+                    w.dtype, w.shape, w.initializer
+                )?;
             }
         }
         for (k, v) in &self.metadata {

@@ -6,6 +6,7 @@
 //! every failure into an error that lists where we looked and how to fix it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The environment variable that names the library file explicitly.
 pub const DYLIB_ENV: &str = "ORT_DYLIB_PATH";
@@ -70,11 +71,25 @@ pub fn candidates() -> Vec<PathBuf> {
     out
 }
 
-/// Loads ONNX Runtime (once per process; later calls reuse the loaded library)
-/// and creates an environment for sessions.
+/// Loads ONNX Runtime and creates the environment sessions are built from.
+///
+/// ONNX Runtime allows one environment per process, ever: the first success
+/// is kept and every later call shares it. Failures are not kept, so a caller
+/// may fix the environment variable and try again.
 ///
 /// Returns the environment and the library path it came from.
 pub fn load() -> Result<(ort::environment::Environment, PathBuf), LoadError> {
+    static LOADED: Mutex<Option<(ort::environment::Environment, PathBuf)>> = Mutex::new(None);
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = loaded.as_ref() {
+        return Ok(found.clone());
+    }
+    let found = search()?;
+    *loaded = Some(found.clone());
+    Ok(found)
+}
+
+fn search() -> Result<(ort::environment::Environment, PathBuf), LoadError> {
     let candidates = candidates();
     // An explicit path is the only candidate when given: silently using another
     // library than the one the user named would hide their mistake.

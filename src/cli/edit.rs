@@ -1,0 +1,169 @@
+//! `time-onnx edit`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use time_onnx::edit::DEFAULT_AUGMENTATIONS;
+use time_onnx::unet::weights::Targets;
+use time_onnx::workflow::edit::{self, EditReport, EditRequest};
+
+/// Arguments of `edit`.
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// The UNet to edit, e.g. my-model/unet/model.onnx. It is only read.
+    unet: PathBuf,
+    /// The source prompt: what the model assumes, e.g. "A pack of roses".
+    #[arg(long)]
+    src: String,
+    /// The destination prompt: the same words plus what it should assume, e.g. "A pack of blue roses".
+    #[arg(long)]
+    dst: String,
+    /// Where to write the edited UNet (external data, if any, goes beside it as <name>_data).
+    #[arg(short, long, required_unless_present = "dry_run")]
+    output: Option<PathBuf>,
+    /// The model folder holding text_encoder/ and tokenizer/ (default: the UNet's parent's parent).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The text encoder ONNX file (default: <model>/text_encoder/model.onnx).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// The tokenizer folder (default: <model>/tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Regularisation λ: larger keeps the model closer to the original (the paper uses 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    lambda: f64,
+    /// An augmentation prefix (repeatable); replaces the defaults "A photo of ", "An image of ", "A picture of ".
+    #[arg(long = "aug", value_name = "TEXT")]
+    augs: Vec<String>,
+    /// Use no augmentation prompts, only the source/destination pair.
+    #[arg(long, conflicts_with = "augs")]
+    no_augs: bool,
+    /// Edit only the value projections (the reference's with_to_k=False).
+    #[arg(long)]
+    values_only: bool,
+    /// Also write the edited K/V weights as safetensors, torch [out, in] layout, keyed by diffusers module names.
+    #[arg(long, value_name = "FILE")]
+    save_weights: Option<PathBuf>,
+    /// Do everything but write: print what would change.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn run(args: EditArgs) -> anyhow::Result<()> {
+    let EditArgs {
+        unet,
+        src,
+        dst,
+        output,
+        model,
+        text_encoder,
+        tokenizer,
+        lambda,
+        augs,
+        no_augs,
+        values_only,
+        save_weights,
+        dry_run,
+    } = args;
+    let model_dir = model.unwrap_or_else(|| default_model_dir(&unet));
+    let text_encoder =
+        text_encoder.unwrap_or_else(|| model_dir.join("text_encoder").join("model.onnx"));
+    let tokenizer = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer"));
+    for (what, path) in [("text encoder", &text_encoder), ("tokenizer", &tokenizer)] {
+        if !path.exists() {
+            bail!(
+                "{what} not found at {} (give --model, --text-encoder or --tokenizer)",
+                path.display()
+            );
+        }
+    }
+    let augmentations = match (no_augs, augs.is_empty()) {
+        (true, _) => Vec::new(),
+        (false, true) => DEFAULT_AUGMENTATIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        (false, false) => augs,
+    };
+    let req = EditRequest {
+        unet: unet.clone(),
+        output: if dry_run { None } else { output },
+        text_encoder,
+        tokenizer,
+        source: src,
+        destination: dst,
+        lambda,
+        augmentations,
+        targets: if values_only {
+            Targets::ValuesOnly
+        } else {
+            Targets::KeysAndValues
+        },
+        save_weights,
+    };
+    let report = edit::run(&req).with_context(|| format!("editing {}", unet.display()))?;
+    print_report(&report, dry_run);
+    Ok(())
+}
+
+/// `<model>/unet/model.onnx` → `<model>`.
+fn default_model_dir(unet: &Path) -> PathBuf {
+    unet.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn print_report(r: &EditReport, dry_run: bool) {
+    if r.unchanged {
+        println!(
+            "source and destination are the same prompt: nothing to edit, weights left unchanged"
+        );
+    }
+    if dry_run {
+        println!("would edit {} K/V weights:", r.layers.len());
+        for l in &r.layers {
+            let name = l.module.as_deref().unwrap_or(&l.initializer);
+            println!(
+                "  {:<18} {name}: relative change {:.3e}",
+                format!("{:?}", l.role),
+                l.relative_change
+            );
+        }
+    }
+    let edited: Vec<f64> = r
+        .layers
+        .iter()
+        .map(|l| l.relative_change)
+        .filter(|&c| c > 0.0)
+        .collect();
+    let mean = if edited.is_empty() {
+        0.0
+    } else {
+        edited.iter().sum::<f64>() / edited.len() as f64
+    };
+    let total: f64 = r.timings.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    let history = if r.previous.is_empty() {
+        String::new()
+    } else {
+        format!(" (edit #{} of this UNet)", r.previous.len() + 1)
+    };
+    let target = match &r.written {
+        Some(w) => format!("; wrote {}", w.model.display()),
+        None => String::new(),
+    };
+    println!(
+        "{} {} of {} K/V weights, mean relative change {mean:.3e}, in {total:.2} s{history}{target}",
+        if dry_run { "would edit" } else { "edited" },
+        edited.len(),
+        r.layers.len(),
+    );
+    let split: Vec<String> = r
+        .timings
+        .iter()
+        .map(|(n, d)| format!("{n} {:.0} ms", d.as_secs_f64() * 1e3))
+        .collect();
+    tracing::info!("timings: {}", split.join(", "));
+}

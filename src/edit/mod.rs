@@ -1,0 +1,136 @@
+//! TIME's closed-form edit (Orgad, Kawar, Belinkov 2023), from text
+//! embeddings alone: no ONNX, no runtime.
+//!
+//! The journey: [`prompt_pairs`] builds the augmented (source, destination)
+//! prompts; the caller encodes each prompt with the text encoder
+//! (`[77, d] f32` per prompt); [`align_prompts`] maps every source position
+//! to its destination position; [`solve()`] turns the embeddings and maps into
+//! one [`Operator`] shared by every cross-attention K/V projection:
+//! W' = W·A, with A = (λI + Σ c* cᵀ)(λI + Σ c cᵀ)⁻¹ (W' = (λW + Σ W c* cᵀ)·
+//! (λI + Σ c cᵀ)⁻¹ as the paper writes it, since v* = W c*).
+//!
+//! ONNX stores those weights transposed, Wᵀ `[d, out]`, so the operator
+//! keeps Aᵀ and [`apply_transposed`] computes W'ᵀ = Aᵀ·Wᵀ. Whether keys are
+//! edited along with values is the caller's choice of weights; successive
+//! edits compose by applying one operator after the other (or
+//! [`Operator::then`]).
+
+pub mod align;
+pub mod solve;
+
+pub use align::{
+    ArticleRule, DEFAULT_AUGMENTATIONS, align, align_prompts, augmentation_base, prompt_pairs,
+};
+pub use solve::{Operator, apply_transposed, solve};
+
+use crate::text::TextError;
+
+/// Everything that can stop an edit.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    /// A source token has no counterpart, in order, in the destination: the
+    /// destination must contain every source word (it only adds words).
+    #[error(
+        "the destination prompt {dst:?} lacks the word {word:?} of the source prompt {src:?} \
+         (every source word must appear in the destination, in the same order)"
+    )]
+    MissingWord {
+        /// The source token, decoded.
+        word: String,
+        /// The source prompt.
+        src: String,
+        /// The destination prompt.
+        dst: String,
+    },
+    /// The destination has the word, but only past the text encoder's
+    /// length, where it has no embedding.
+    #[error(
+        "the destination prompt {dst:?} has the word {word:?} of the source prompt {src:?} only \
+         after its first {max_len} tokens, which is all the text encoder sees"
+    )]
+    TruncatedWord {
+        /// The source token, decoded.
+        word: String,
+        /// The source prompt.
+        src: String,
+        /// The destination prompt.
+        dst: String,
+        /// The text encoder's sequence length.
+        max_len: usize,
+    },
+    /// [`align()`] found no destination token for a source token (token ids
+    /// only; [`align_prompts`] reports [`EditError::MissingWord`] instead).
+    #[error("source token {token} at position {position} has no match in the destination")]
+    UnmatchedToken {
+        /// Its position in the source ids.
+        position: usize,
+        /// The token id.
+        token: u32,
+    },
+    /// More token ids than the embeddings have positions.
+    #[error("{len} token ids do not fit in a sequence of {seq_len} positions")]
+    TooManyTokens {
+        /// Number of ids given.
+        len: usize,
+        /// Positions available.
+        seq_len: usize,
+    },
+    /// The tokenizer gives no id for "a" (needed to compare "an" as "a").
+    #[error("the tokenizer encodes \"a \" as {ids:?}, expected BOS, one token, EOS")]
+    NoArticle {
+        /// What `encode("a ")` gave.
+        ids: Vec<u32>,
+    },
+    /// The tokenizer failed.
+    #[error(transparent)]
+    Text(#[from] TextError),
+    /// λ must be a finite positive number: it keeps λI + Σ c cᵀ invertible
+    /// and weighs how much the original weights are kept.
+    #[error("lambda must be finite and > 0, got {lambda}")]
+    BadLambda {
+        /// The value given.
+        lambda: f64,
+    },
+    /// Arrays whose shapes do not fit together.
+    #[error("{what}: expected shape {expected:?}, got {actual:?}")]
+    Shape {
+        /// Which array.
+        what: &'static str,
+        /// The shape required (by the other inputs).
+        expected: Vec<usize>,
+        /// The shape given.
+        actual: Vec<usize>,
+    },
+    /// An index map pointing past the destination sequence.
+    #[error("index map of pair {pair}: position {position} points to {index}, past {seq_len}")]
+    IndexOutOfRange {
+        /// The (source, destination) pair.
+        pair: usize,
+        /// The source position.
+        position: usize,
+        /// The destination position it maps to.
+        index: usize,
+        /// The destination sequence length.
+        seq_len: usize,
+    },
+    /// A NaN or infinite embedding value (a broken text encoder or file).
+    #[error("{what} embedding of pair {pair} at position {position} is not finite")]
+    NonFinite {
+        /// "source" or "destination".
+        what: &'static str,
+        /// The pair.
+        pair: usize,
+        /// The sequence position.
+        position: usize,
+    },
+    /// The Cholesky factorization of λI + Σ c cᵀ failed (not positive
+    /// definite in floating point: λ far too small for the embeddings).
+    #[error("lambda I + sum c c^T is not positive definite in float64 (lambda = {lambda})")]
+    NotPositiveDefinite {
+        /// The λ used.
+        lambda: f64,
+        /// LAPACK's report.
+        #[source]
+        source: ndarray_linalg::error::LinalgError,
+    },
+}

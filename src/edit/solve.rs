@@ -1,0 +1,519 @@
+//! The closed-form solve: one operator A for every edited projection.
+//!
+//! With c the source embedding at each position and c* the destination
+//! embedding at the aligned position (all positions of every pair, padding
+//! included, as in the reference):
+//!
+//! M = λI + Σ c cᵀ (symmetric positive definite), N = λI + Σ c* cᵀ,
+//! A = N·M⁻¹, W' = W·A.
+//!
+//! Everything is accumulated in f64: M's condition number reaches 1e5 on
+//! real prompts and the float32 reference is off by ~6e-4 relative. M is
+//! factored once (Cholesky) and solved against, never inverted.
+
+use ndarray::{Array2, ArrayView2, ArrayView3, Axis};
+use ndarray_linalg::{Cholesky, Diag, SolveTriangular, UPLO};
+
+use super::EditError;
+
+/// TIME's edit operator, kept transposed for ONNX's transposed weights.
+///
+/// Holds Aᵀ `[d, d] f64` (d = the text encoder's width: 768 for SD 1.x,
+/// 1024 for SD 2.x), so an ONNX K/V weight Wᵀ `[d, out]` edits to
+/// W'ᵀ = Aᵀ·Wᵀ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operator {
+    at: Array2<f64>,
+}
+
+impl Operator {
+    /// The operator that changes nothing (A = I, `[d, d] f64`).
+    pub fn identity(d: usize) -> Self {
+        Self { at: Array2::eye(d) }
+    }
+
+    /// An operator from a known Aᵀ `[d, d] f64` (e.g. a golden file).
+    pub fn from_transposed(at: Array2<f64>) -> Result<Self, EditError> {
+        let (rows, cols) = at.dim();
+        if rows != cols {
+            return Err(EditError::Shape {
+                what: "operator A^T",
+                expected: vec![rows, rows],
+                actual: vec![rows, cols],
+            });
+        }
+        Ok(Self { at })
+    }
+
+    /// Aᵀ `[d, d] f64`.
+    pub fn transposed(&self) -> ArrayView2<'_, f64> {
+        self.at.view()
+    }
+
+    /// d, the embedding width the operator acts on.
+    pub fn dim(&self) -> usize {
+        self.at.nrows()
+    }
+
+    /// The edited weight W'ᵀ = Aᵀ·Wᵀ `[d, out] f64` of an ONNX weight Wᵀ
+    /// `[d, out]` (f32 or f64). See [`apply_transposed`].
+    pub fn apply_transposed<T: Copy + Into<f64>>(
+        &self,
+        wt: ArrayView2<'_, T>,
+    ) -> Result<Array2<f64>, EditError> {
+        apply_transposed(&self.at, wt)
+    }
+
+    /// The operator of this edit followed by `next`: W·A₁·A₂, i.e.
+    /// (A₁A₂)ᵀ = A₂ᵀ·A₁ᵀ. Equal to applying one after the other (the
+    /// reference's `restart_params=False`), since each A depends on the
+    /// embeddings only, not on W.
+    pub fn then(&self, next: &Operator) -> Result<Operator, EditError> {
+        if next.dim() != self.dim() {
+            return Err(EditError::Shape {
+                what: "operator to compose with",
+                expected: vec![self.dim(), self.dim()],
+                actual: vec![next.dim(), next.dim()],
+            });
+        }
+        Ok(Operator {
+            at: next.at.dot(&self.at),
+        })
+    }
+}
+
+/// W'ᵀ = Aᵀ·Wᵀ `[d, out] f64` for `at` = Aᵀ `[d, d] f64` and an ONNX K/V
+/// weight `wt` = Wᵀ `[d, out]` (f32 or f64). The result stays f64: the
+/// caller rounds once, to the file's dtype.
+pub fn apply_transposed<T: Copy + Into<f64>>(
+    at: &Array2<f64>,
+    wt: ArrayView2<'_, T>,
+) -> Result<Array2<f64>, EditError> {
+    let d = at.nrows();
+    if at.ncols() != d {
+        return Err(EditError::Shape {
+            what: "operator A^T",
+            expected: vec![d, d],
+            actual: vec![d, at.ncols()],
+        });
+    }
+    if wt.nrows() != d {
+        return Err(EditError::Shape {
+            what: "transposed weight W^T",
+            expected: vec![d, wt.ncols()],
+            actual: vec![wt.nrows(), wt.ncols()],
+        });
+    }
+    Ok(at.dot(&wt.mapv(Into::into)))
+}
+
+/// Solves TIME's edit for all (source, destination) pairs at once.
+///
+/// - `src`: source embeddings `[pairs, seq, d]` (f32 as the text encoder
+///   gives them, or f64), every position used, padding included.
+/// - `dst`: destination embeddings, same shape.
+/// - `maps[p][i]`: the destination position of source position `i` in pair
+///   `p` (from [`super::align()`]); `pairs` maps of `seq` entries, each < `seq`.
+/// - `lambda`: λ > 0; larger keeps the weights closer to the original
+///   (the reference's default is 0.1).
+///
+/// Returns the operator holding Aᵀ = M⁻¹·Nᵀ `[d, d] f64` (M is symmetric).
+pub fn solve<T: Copy + Into<f64>>(
+    src: ArrayView3<'_, T>,
+    dst: ArrayView3<'_, T>,
+    maps: &[Vec<usize>],
+    lambda: f64,
+) -> Result<Operator, EditError> {
+    if !(lambda.is_finite() && lambda > 0.0) {
+        return Err(EditError::BadLambda { lambda });
+    }
+    check_shapes(src, dst, maps)?;
+    let c = source_rows(src)?;
+    let c_star = destination_rows(dst, maps)?;
+    let m = regularized_gram(&c, &c, lambda);
+    let n_t = regularized_gram(&c, &c_star, lambda);
+    let at = solve_spd(&m, &n_t, lambda)?;
+    Ok(Operator { at })
+}
+
+/// `src` and `dst` `[pairs, seq, d]` alike, d > 0, one map of `seq` entries
+/// per pair, each entry < `seq`.
+fn check_shapes<T>(
+    src: ArrayView3<'_, T>,
+    dst: ArrayView3<'_, T>,
+    maps: &[Vec<usize>],
+) -> Result<(), EditError> {
+    let (pairs, seq, d) = src.dim();
+    if d == 0 {
+        return Err(EditError::Shape {
+            what: "source embeddings (width must be > 0)",
+            expected: vec![pairs, seq, 1],
+            actual: vec![pairs, seq, d],
+        });
+    }
+    if dst.dim() != src.dim() {
+        return Err(EditError::Shape {
+            what: "destination embeddings",
+            expected: vec![pairs, seq, d],
+            actual: dst.shape().to_vec(),
+        });
+    }
+    if maps.len() != pairs {
+        return Err(EditError::Shape {
+            what: "index maps",
+            expected: vec![pairs, seq],
+            actual: vec![maps.len()],
+        });
+    }
+    for (pair, map) in maps.iter().enumerate() {
+        if map.len() != seq {
+            return Err(EditError::Shape {
+                what: "index map",
+                expected: vec![seq],
+                actual: vec![map.len()],
+            });
+        }
+        if let Some((position, &index)) = map.iter().enumerate().find(|(_, j)| **j >= seq) {
+            return Err(EditError::IndexOutOfRange {
+                pair,
+                position,
+                index,
+                seq_len: seq,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The source embeddings as rows c `[pairs·seq, d] f64`, checked finite.
+fn source_rows<T: Copy + Into<f64>>(src: ArrayView3<'_, T>) -> Result<Array2<f64>, EditError> {
+    let (pairs, seq, d) = src.dim();
+    let mut rows = Array2::zeros((pairs * seq, d));
+    for ((pair, position), mut row) in index_pairs(pairs, seq).zip(rows.rows_mut()) {
+        row.assign(&src.slice(ndarray::s![pair, position, ..]).mapv(Into::into));
+        check_finite(row.view(), "source", pair, position)?;
+    }
+    Ok(rows)
+}
+
+/// The destination rows c* `[pairs·seq, d] f64`: row (p, i) is
+/// `dst[p, maps[p][i]]`, checked finite. Shapes are checked beforehand.
+fn destination_rows<T: Copy + Into<f64>>(
+    dst: ArrayView3<'_, T>,
+    maps: &[Vec<usize>],
+) -> Result<Array2<f64>, EditError> {
+    let (pairs, seq, d) = dst.dim();
+    let mut rows = Array2::zeros((pairs * seq, d));
+    for ((pair, position), mut row) in index_pairs(pairs, seq).zip(rows.rows_mut()) {
+        let index = maps
+            .get(pair)
+            .and_then(|map| map.get(position))
+            .copied()
+            .unwrap_or(position);
+        row.assign(&dst.index_axis(Axis(0), pair).row(index).mapv(Into::into));
+        check_finite(row.view(), "destination", pair, index)?;
+    }
+    Ok(rows)
+}
+
+/// (pair, position) in row-major order, matching the rows of
+/// [`source_rows`] and [`destination_rows`].
+fn index_pairs(pairs: usize, seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..pairs).flat_map(move |pair| (0..seq).map(move |position| (pair, position)))
+}
+
+fn check_finite(
+    row: ndarray::ArrayView1<'_, f64>,
+    what: &'static str,
+    pair: usize,
+    position: usize,
+) -> Result<(), EditError> {
+    if row.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(EditError::NonFinite {
+            what,
+            pair,
+            position,
+        })
+    }
+}
+
+/// λI + leftᵀ·right `[d, d] f64` for rows `[n, d] f64`: with left = right =
+/// c this is M = λI + Σ c cᵀ; with right = c* it is Nᵀ = λI + Σ c c*ᵀ.
+fn regularized_gram(left: &Array2<f64>, right: &Array2<f64>, lambda: f64) -> Array2<f64> {
+    let mut gram = left.t().dot(right);
+    gram.diag_mut().mapv_inplace(|x| x + lambda);
+    gram
+}
+
+/// X = M⁻¹·B `[d, k] f64` for symmetric positive definite M `[d, d] f64`:
+/// M = L·Lᵀ once, then two triangular solves.
+fn solve_spd(m: &Array2<f64>, b: &Array2<f64>, lambda: f64) -> Result<Array2<f64>, EditError> {
+    let failed = |source| EditError::NotPositiveDefinite { lambda, source };
+    let l = m.cholesky(UPLO::Lower).map_err(failed)?;
+    let y = l
+        .solve_triangular(UPLO::Lower, Diag::NonUnit, b)
+        .map_err(failed)?;
+    l.t()
+        .solve_triangular(UPLO::Upper, Diag::NonUnit, &y)
+        .map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array3, s};
+    use ndarray_linalg::Inverse;
+    use proptest::prelude::*;
+
+    /// Random embeddings, maps, a weight W `[out, d]` and λ.
+    #[derive(Debug, Clone)]
+    struct Case {
+        src: Array3<f64>,
+        dst: Array3<f64>,
+        maps: Vec<Vec<usize>>,
+        w: Array2<f64>,
+        lambda: f64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (1usize..=3, 1usize..=6, 1usize..=6, 1usize..=4).prop_flat_map(|(pairs, seq, d, out)| {
+            let n = pairs * seq * d;
+            (
+                proptest::collection::vec(-1.0f64..1.0, n),
+                proptest::collection::vec(-1.0f64..1.0, n),
+                proptest::collection::vec(0..seq, pairs * seq),
+                proptest::collection::vec(-1.0f64..1.0, out * d),
+                0.01f64..10.0,
+            )
+                .prop_map(move |(src, dst, maps, w, lambda)| Case {
+                    src: Array3::from_shape_vec((pairs, seq, d), src).unwrap(),
+                    dst: Array3::from_shape_vec((pairs, seq, d), dst).unwrap(),
+                    maps: maps.chunks(seq).map(<[usize]>::to_vec).collect(),
+                    w: Array2::from_shape_vec((out, d), w).unwrap(),
+                    lambda,
+                })
+        })
+    }
+
+    fn max_abs_diff(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+        (a - b).iter().fold(0.0, |m, x| m.max(x.abs()))
+    }
+
+    /// The reference's formula, literally: W' = (λW + Σ (W c*) cᵀ)(λI + Σ c cᵀ)⁻¹.
+    fn naive_edit(case: &Case) -> Array2<f64> {
+        let (pairs, seq, d) = case.src.dim();
+        let mut mat1 = &case.w * case.lambda;
+        let mut mat2 = Array2::<f64>::eye(d) * case.lambda;
+        for p in 0..pairs {
+            for i in 0..seq {
+                let c = case.src.slice(s![p, i, ..]);
+                let c_star = case.dst.slice(s![p, case.maps[p][i], ..]);
+                let v_star = case.w.dot(&c_star);
+                for r in 0..v_star.len() {
+                    for k in 0..d {
+                        mat1[[r, k]] += v_star[r] * c[k];
+                    }
+                }
+                for a in 0..d {
+                    for b in 0..d {
+                        mat2[[a, b]] += c[a] * c[b];
+                    }
+                }
+            }
+        }
+        mat1.dot(&mat2.inv().unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn matches_the_reference_formula(case in case()) {
+            let op = solve(case.src.view(), case.dst.view(), &case.maps, case.lambda).unwrap();
+            let edited = op.apply_transposed(case.w.t()).unwrap().reversed_axes();
+            let naive = naive_edit(&case);
+            let scale = naive.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            prop_assert!(max_abs_diff(&edited, &naive) <= 1e-9 * scale,
+                "diff {}", max_abs_diff(&edited, &naive));
+        }
+
+        #[test]
+        fn huge_lambda_changes_nothing(case in case()) {
+            let op = solve(case.src.view(), case.dst.view(), &case.maps, 1e12).unwrap();
+            let eye = Array2::eye(op.dim());
+            prop_assert!(max_abs_diff(&op.transposed().to_owned(), &eye) < 1e-9);
+        }
+
+        #[test]
+        fn same_prompt_is_a_no_op(case in case()) {
+            let seq = case.src.dim().1;
+            let identity: Vec<Vec<usize>> = case.maps.iter().map(|_| (0..seq).collect()).collect();
+            let op = solve(case.src.view(), case.src.view(), &identity, case.lambda).unwrap();
+            let eye = Array2::eye(op.dim());
+            prop_assert!(max_abs_diff(&op.transposed().to_owned(), &eye) < 1e-10);
+        }
+
+        #[test]
+        fn composing_equals_applying_twice(first in case(), second_dst in proptest::collection::vec(-1.0f64..1.0, 216)) {
+            let first_op = solve(first.src.view(), first.dst.view(), &first.maps, first.lambda).unwrap();
+            let dst2 = Array3::from_shape_vec(first.dst.raw_dim(),
+                second_dst[..first.dst.len()].to_vec()).unwrap();
+            let second_op = solve(first.src.view(), dst2.view(), &first.maps, first.lambda).unwrap();
+            let wt = first.w.t();
+            let twice = second_op.apply_transposed(first_op.apply_transposed(wt).unwrap().view()).unwrap();
+            let composed = first_op.then(&second_op).unwrap().apply_transposed(wt).unwrap();
+            let scale = twice.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            prop_assert!(max_abs_diff(&twice, &composed) <= 1e-12 * scale);
+        }
+    }
+
+    fn small() -> (Array3<f32>, Array3<f32>, Vec<Vec<usize>>) {
+        let src = Array3::from_shape_fn((1, 3, 2), |(_, i, k)| (i + 2 * k) as f32 * 0.25);
+        let dst = Array3::from_shape_fn((1, 3, 2), |(_, i, k)| (i * k) as f32 * 0.5 - 0.2);
+        (src, dst, vec![vec![0, 2, 2]])
+    }
+
+    #[test]
+    fn f32_and_f64_inputs_agree() {
+        let (src, dst, maps) = small();
+        let a32 = solve(src.view(), dst.view(), &maps, 0.1).unwrap();
+        let a64 = solve(
+            src.mapv(f64::from).view(),
+            dst.mapv(f64::from).view(),
+            &maps,
+            0.1,
+        )
+        .unwrap();
+        assert_eq!(a32, a64);
+    }
+
+    #[test]
+    fn lambda_must_be_finite_and_positive() {
+        let (src, dst, maps) = small();
+        for lambda in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = solve(src.view(), dst.view(), &maps, lambda).unwrap_err();
+            assert!(
+                matches!(err, EditError::BadLambda { .. }),
+                "{lambda}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_array() {
+        let (src, dst, maps) = small();
+        let short = dst.slice(s![.., ..2, ..]);
+        let err = solve(src.view(), short, &maps, 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::Shape {
+                    what: "destination embeddings",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = solve(src.view(), dst.view(), &[], 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::Shape {
+                    what: "index maps",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = solve(src.view(), dst.view(), &[vec![0, 1]], 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::Shape {
+                    what: "index map",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = solve(src.view(), dst.view(), &[vec![0, 1, 3]], 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::IndexOutOfRange {
+                    pair: 0,
+                    position: 2,
+                    index: 3,
+                    seq_len: 3
+                }
+            ),
+            "{err}"
+        );
+        let empty = Array3::<f32>::zeros((1, 3, 0));
+        let err = solve(empty.view(), empty.view(), &maps, 0.1).unwrap_err();
+        assert!(matches!(err, EditError::Shape { .. }), "{err}");
+    }
+
+    #[test]
+    fn non_finite_embeddings_are_rejected() {
+        let (mut src, dst, maps) = small();
+        src[[0, 1, 0]] = f32::NAN;
+        let err = solve(src.view(), dst.view(), &maps, 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::NonFinite {
+                    what: "source",
+                    pair: 0,
+                    position: 1
+                }
+            ),
+            "{err}"
+        );
+        let (src, mut dst, maps) = small();
+        dst[[0, 2, 1]] = f32::INFINITY;
+        let err = solve(src.view(), dst.view(), &maps, 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::NonFinite {
+                    what: "destination",
+                    pair: 0,
+                    position: 2
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_pairs_is_the_identity() {
+        let empty = Array3::<f64>::zeros((0, 77, 4));
+        let op = solve(empty.view(), empty.view(), &[], 0.1).unwrap();
+        assert_eq!(op, Operator::identity(4));
+    }
+
+    #[test]
+    fn apply_checks_the_weight_width() {
+        let op = Operator::identity(3);
+        let wt = Array2::<f32>::zeros((4, 5));
+        let err = op.apply_transposed(wt.view()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::Shape {
+                    what: "transposed weight W^T",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let wt = Array2::<f32>::ones((3, 5));
+        assert_eq!(
+            op.apply_transposed(wt.view()).unwrap(),
+            Array2::<f64>::ones((3, 5))
+        );
+        assert!(Operator::from_transposed(Array2::zeros((2, 3))).is_err());
+        assert!(Operator::identity(2).then(&Operator::identity(3)).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! The UNet side of an edit: applying the operator to each stored K/V weight.
+
+pub mod weights;

@@ -1,0 +1,316 @@
+//! Applying an edit operator to one stored K/V weight, in its own dtype and
+//! layout.
+//!
+//! An operator Aᵀ `[d, d] f64` turns a weight stored as Wᵀ `[d, out]` into
+//! Aᵀ·Wᵀ, which transforms each column on its own; a weight stored as W
+//! `[out, d]` becomes W·A, each row on its own. That independence is what
+//! lets a packed K/V weight be edited in its packed layout, and a values-only
+//! edit touch only the V columns of it.
+
+use half::{bf16, f16};
+use ndarray::{Array2, ArrayView2, Axis};
+
+use crate::onnx::DataType;
+use crate::onnx::cross_attention::{Layout, Projection, Role};
+
+/// Which projections an edit changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// Keys and values (TIME's default).
+    KeysAndValues,
+    /// Values only (the reference's `with_to_k=False`).
+    ValuesOnly,
+}
+
+/// Why a weight could not be edited.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    /// The weight's width is not the operator's.
+    #[error("{tensor:?} expects {got}-wide text embeddings, the text encoder gives {expected}")]
+    Width {
+        /// The weight.
+        tensor: String,
+        /// Its width.
+        got: usize,
+        /// The operator's.
+        expected: usize,
+    },
+    /// The result does not fit the storage type.
+    #[error(
+        "editing {tensor:?} gives {value:e}, beyond what {dtype} can hold; use a larger --lambda or a float32 model"
+    )]
+    Overflow {
+        /// The weight.
+        tensor: String,
+        /// The first value out of range.
+        value: f64,
+        /// The storage type.
+        dtype: DataType,
+    },
+    /// Bytes or shape that do not describe a matrix of the stated type.
+    #[error("{tensor:?}: {why}")]
+    Malformed {
+        /// The weight.
+        tensor: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A result that is not finite (NaN or infinite input or operator).
+    #[error(
+        "editing {tensor:?} gives non-finite values; the embeddings or weights contain NaN or infinity"
+    )]
+    NonFinite {
+        /// The weight.
+        tensor: String,
+    },
+}
+
+/// One edited weight: new bytes plus how much it moved.
+#[derive(Debug)]
+pub struct EditedWeight {
+    /// The new bytes, same dtype, shape and length as the old.
+    pub bytes: Vec<u8>,
+    /// ‖W' − W‖ / ‖W‖ over the edited entries (Frobenius).
+    pub relative_change: f64,
+    /// The edited weight in torch's `[out, d]` layout, decoded to f32
+    /// (packed K/V gives both halves; see [`split_packed`]).
+    pub torch_layout: Array2<f32>,
+}
+
+/// Decodes little-endian `bytes` of `dtype` into f64.
+pub fn decode(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f64>, WeightError> {
+    let bad = |why: String| WeightError::Malformed {
+        tensor: tensor.to_string(),
+        why,
+    };
+    let size = dtype
+        .size()
+        .filter(|_| dtype.is_float())
+        .ok_or_else(|| bad(format!("element type {dtype}")))?;
+    if !bytes.len().is_multiple_of(size) {
+        return Err(bad(format!(
+            "{} bytes is not a whole number of {dtype}",
+            bytes.len()
+        )));
+    }
+    let chunks = bytes.chunks_exact(size);
+    Ok(match dtype {
+        DataType::Float => chunks
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        DataType::Double => chunks
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        DataType::Float16 => chunks
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        DataType::BFloat16 => chunks
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        _ => return Err(bad(format!("element type {dtype}"))),
+    })
+}
+
+/// Encodes f64 values as little-endian `dtype`, refusing values it cannot hold.
+pub fn encode(values: &[f64], dtype: DataType, tensor: &str) -> Result<Vec<u8>, WeightError> {
+    let overflow = |value: f64| WeightError::Overflow {
+        tensor: tensor.to_string(),
+        value,
+        dtype,
+    };
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(WeightError::NonFinite {
+            tensor: tensor.to_string(),
+        });
+    }
+    let mut out = Vec::with_capacity(values.len() * dtype.size().unwrap_or(4));
+    for &v in values {
+        match dtype {
+            DataType::Float => {
+                let x = v as f32;
+                if !x.is_finite() {
+                    return Err(overflow(v));
+                }
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            DataType::Double => out.extend_from_slice(&v.to_le_bytes()),
+            DataType::Float16 => {
+                let x = f16::from_f64(v);
+                if !x.is_finite() {
+                    return Err(overflow(v));
+                }
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            DataType::BFloat16 => {
+                let x = bf16::from_f64(v);
+                if !x.is_finite() {
+                    return Err(overflow(v));
+                }
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            _ => {
+                return Err(WeightError::Malformed {
+                    tensor: tensor.to_string(),
+                    why: format!("element type {dtype}"),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Applies Aᵀ (`at: [d, d] f64`) to the weight `p` whose stored bytes are `bytes`.
+pub fn apply(
+    at: ArrayView2<f64>,
+    p: &Projection,
+    bytes: &[u8],
+    targets: Targets,
+) -> Result<EditedWeight, WeightError> {
+    let name = &p.initializer;
+    let d = at.nrows();
+    if p.width() != d {
+        return Err(WeightError::Width {
+            tensor: name.clone(),
+            got: p.width(),
+            expected: d,
+        });
+    }
+    let values = decode(bytes, p.tensor.dtype, name)?;
+    let [rows, cols] = p.tensor.shape[..] else {
+        return Err(WeightError::Malformed {
+            tensor: name.clone(),
+            why: format!("shape {:?}", p.tensor.shape),
+        });
+    };
+    let stored =
+        Array2::from_shape_vec((rows, cols), values).map_err(|e| WeightError::Malformed {
+            tensor: name.clone(),
+            why: e.to_string(),
+        })?;
+    // Work on Wᵀ [d, out] whatever the storage.
+    let wt = match p.layout {
+        Layout::Transposed => stored.clone(),
+        Layout::Direct => stored.t().to_owned(),
+    };
+    let selected = selected_columns(p.role, wt.ncols(), targets);
+    let mut new_wt = wt.clone();
+    if !selected.is_empty() {
+        let sub = wt.select(Axis(1), &selected);
+        let edited = at.dot(&sub);
+        for (k, &c) in selected.iter().enumerate() {
+            new_wt.column_mut(c).assign(&edited.column(k));
+        }
+    }
+    let diff = (&new_wt - &wt).mapv(|v| v * v).sum().sqrt();
+    let norm = wt.select(Axis(1), &selected).mapv(|v| v * v).sum().sqrt();
+    let relative_change = if norm > 0.0 { diff / norm } else { 0.0 };
+    let new_stored = match p.layout {
+        Layout::Transposed => new_wt.clone(),
+        Layout::Direct => new_wt.t().to_owned(),
+    };
+    let flat: Vec<f64> = new_stored.iter().copied().collect();
+    let bytes = encode(&flat, p.tensor.dtype, name)?;
+    // What was written, read back, in torch's [out, d].
+    let written = decode(&bytes, p.tensor.dtype, name)?;
+    let written =
+        Array2::from_shape_vec((rows, cols), written).map_err(|e| WeightError::Malformed {
+            tensor: name.clone(),
+            why: e.to_string(),
+        })?;
+    let torch_layout = match p.layout {
+        Layout::Transposed => written.t().mapv(|v| v as f32),
+        Layout::Direct => written.mapv(|v| v as f32),
+    };
+    Ok(EditedWeight {
+        bytes,
+        relative_change,
+        torch_layout,
+    })
+}
+
+/// The columns of Wᵀ an edit touches.
+fn selected_columns(role: Role, cols: usize, targets: Targets) -> Vec<usize> {
+    match (role, targets) {
+        (Role::Key, Targets::ValuesOnly) => Vec::new(),
+        (Role::Key | Role::Value, _) => (0..cols).collect(),
+        (Role::PackedKeyValue { heads }, t) => {
+            let head_dim = cols / (2 * heads.max(1));
+            (0..cols)
+                .filter(|c| t == Targets::KeysAndValues || (c % (2 * head_dim)) >= head_dim)
+                .collect()
+        }
+    }
+}
+
+/// Splits a packed weight in torch layout `[heads·2·head_dim, d]` into K and V,
+/// each `[heads·head_dim, d]`.
+pub fn split_packed(torch_layout: &Array2<f32>, heads: usize) -> (Array2<f32>, Array2<f32>) {
+    let rows = torch_layout.nrows();
+    let head_dim = rows / (2 * heads.max(1));
+    let pick = |half: usize| -> Vec<usize> {
+        (0..rows)
+            .filter(|r| (r % (2 * head_dim)) / head_dim == half)
+            .collect()
+    };
+    (
+        torch_layout.select(Axis(0), &pick(0)),
+        torch_layout.select(Axis(0), &pick(1)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_columns_alternate_per_head() {
+        // 2 heads, head_dim 3: [k k k v v v k k k v v v]
+        let v = selected_columns(Role::PackedKeyValue { heads: 2 }, 12, Targets::ValuesOnly);
+        assert_eq!(v, vec![3, 4, 5, 9, 10, 11]);
+        assert_eq!(
+            selected_columns(
+                Role::PackedKeyValue { heads: 2 },
+                12,
+                Targets::KeysAndValues
+            )
+            .len(),
+            12
+        );
+        assert!(selected_columns(Role::Key, 5, Targets::ValuesOnly).is_empty());
+    }
+
+    #[test]
+    fn fp16_overflow_is_an_error_not_infinity() {
+        assert!(matches!(
+            encode(&[70000.0], DataType::Float16, "w"),
+            Err(WeightError::Overflow { .. })
+        ));
+        assert!(encode(&[65504.0], DataType::Float16, "w").is_ok());
+        assert!(matches!(
+            encode(&[f64::NAN], DataType::Float, "w"),
+            Err(WeightError::NonFinite { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_encode_round_trips_each_float_type() {
+        let vals = [0.5, -1.25, 3.0, 0.0];
+        for dt in [
+            DataType::Float,
+            DataType::Double,
+            DataType::Float16,
+            DataType::BFloat16,
+        ] {
+            let b = encode(&vals, dt, "w").unwrap();
+            assert_eq!(decode(&b, dt, "w").unwrap(), vals.to_vec(), "{dt}");
+        }
+    }
+
+    #[test]
+    fn split_packed_takes_alternate_head_blocks() {
+        let w = Array2::from_shape_fn((8, 1), |(r, _)| r as f32); // 2 heads, head_dim 2
+        let (k, v) = split_packed(&w, 2);
+        assert_eq!(k.column(0).to_vec(), vec![0.0, 1.0, 4.0, 5.0]);
+        assert_eq!(v.column(0).to_vec(), vec![2.0, 3.0, 6.0, 7.0]);
+    }
+}

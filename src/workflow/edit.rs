@@ -1,0 +1,328 @@
+//! The edit journey: prompts → tokens → embeddings → operator A → patched
+//! K/V bytes in a copy of the UNet file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ndarray::{Array3, Axis, s};
+use serde::{Deserialize, Serialize};
+
+use crate::edit::{self, ArticleRule, EditError, Operator};
+use crate::onnx::cross_attention::{self, LocateError, Projection, Role};
+use crate::onnx::patch::{self, TensorPatch, WriteError, Written};
+use crate::onnx::{Model, OnnxError};
+use crate::runtime::{LoadError, Runtime, SessionError};
+use crate::text::encoder::TextEncoder;
+use crate::text::{ClipTokenizer, TextError};
+use crate::unet::weights::{self, Targets, WeightError};
+
+/// Prefix of the `metadata_props` keys that record edits, numbered from 1.
+pub const RECORD_KEY: &str = "time_onnx.edit.";
+
+/// What to edit and how.
+#[derive(Clone, Debug)]
+pub struct EditRequest {
+    /// The UNet model file.
+    pub unet: PathBuf,
+    /// Where to write the edited UNet; `None` computes everything but writes nothing.
+    pub output: Option<PathBuf>,
+    /// The text encoder model file.
+    pub text_encoder: PathBuf,
+    /// The tokenizer folder.
+    pub tokenizer: PathBuf,
+    /// The source prompt.
+    pub source: String,
+    /// The destination prompt.
+    pub destination: String,
+    /// λ > 0.
+    pub lambda: f64,
+    /// Prefixes prepended to each prompt for extra pairs.
+    pub augmentations: Vec<String>,
+    /// Keys and values, or values only.
+    pub targets: Targets,
+    /// Also write the edited weights, torch layout, keyed by module name.
+    pub save_weights: Option<PathBuf>,
+}
+
+/// The record appended to the model's metadata, one per edit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EditRecord {
+    /// Source prompt.
+    pub source: String,
+    /// Destination prompt.
+    pub destination: String,
+    /// λ.
+    pub lambda: f64,
+    /// Whether keys were edited along with values.
+    pub keys: bool,
+    /// The augmentation prefixes used.
+    pub augmentations: Vec<String>,
+    /// "time-onnx <version>".
+    pub tool: String,
+}
+
+/// One weight's outcome.
+#[derive(Debug, Serialize)]
+pub struct LayerReport {
+    /// Initializer name.
+    pub initializer: String,
+    /// Module path, when known.
+    pub module: Option<String>,
+    /// K, V or packed.
+    pub role: Role,
+    /// ‖W' − W‖ / ‖W‖ over the edited entries.
+    pub relative_change: f64,
+}
+
+/// What an edit did.
+#[derive(Debug)]
+pub struct EditReport {
+    /// Per weight.
+    pub layers: Vec<LayerReport>,
+    /// The metadata record (also appended to the model).
+    pub record: EditRecord,
+    /// Edits already recorded in the input model.
+    pub previous: Vec<EditRecord>,
+    /// Files written, when an output was given.
+    pub written: Option<Written>,
+    /// The operator Aᵀ that was applied.
+    pub operator: Operator,
+    /// True when source and destination are the same prompt: nothing changes.
+    pub unchanged: bool,
+    /// Time per stage, in order.
+    pub timings: Vec<(&'static str, Duration)>,
+}
+
+/// Everything that can stop an edit.
+#[derive(Debug, thiserror::Error)]
+pub enum EditJobError {
+    /// ONNX Runtime could not be loaded.
+    #[error(transparent)]
+    Runtime(#[from] LoadError),
+    /// The UNet could not be read.
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    /// No usable cross-attention in the UNet.
+    #[error(transparent)]
+    Locate(#[from] LocateError),
+    /// The tokenizer failed.
+    #[error(transparent)]
+    Text(#[from] TextError),
+    /// The text encoder failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// Alignment or solve failed.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// A weight could not take the edit.
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    /// Writing the output failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The text encoder gave NaN or infinite embeddings.
+    #[error("the text encoder returned non-finite embeddings for {prompt:?}")]
+    NonFiniteEmbedding {
+        /// The prompt.
+        prompt: String,
+    },
+    /// A metadata record of an earlier edit that does not parse.
+    #[error("cannot write the weights file {path}: {why}")]
+    SaveWeights {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// Runs an edit.
+pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
+    let mut timings = Vec::new();
+    let mut clock = Instant::now();
+    let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
+        timings.push((name, clock.elapsed()));
+        clock = Instant::now();
+    };
+    // Validate cheap things first: λ, the UNet and its cross-attention.
+    if !(req.lambda.is_finite() && req.lambda > 0.0) {
+        return Err(EditError::BadLambda { lambda: req.lambda }.into());
+    }
+    let model = Model::open(&req.unet)?;
+    let projections = cross_attention::locate(&model)?;
+    let previous = previous_records(&model);
+    lap("read UNet", &mut timings);
+
+    let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
+    let pairs = edit::prompt_pairs(&req.source, &req.destination, &req.augmentations);
+    let rule = ArticleRule::from_tokenizer(&tok)?;
+    let maps = pairs
+        .iter()
+        .map(|(s, d)| edit::align_prompts(&tok, &rule, s, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ids = Vec::with_capacity(2 * pairs.len());
+    for (s, _) in &pairs {
+        ids.push(tok.encode_padded(s)?);
+    }
+    for (_, d) in &pairs {
+        ids.push(tok.encode_padded(d)?);
+    }
+    lap("tokenize", &mut timings);
+
+    let rt = Runtime::load()?;
+    let mut encoder = TextEncoder::open(&rt, &req.text_encoder)?;
+    let emb: Array3<f32> = encoder.embed(&ids)?;
+    for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
+        if row.iter().any(|v| !v.is_finite()) {
+            let prompt = if k < pairs.len() {
+                &pairs[k].0
+            } else {
+                &pairs[k - pairs.len()].1
+            };
+            return Err(EditJobError::NonFiniteEmbedding {
+                prompt: prompt.clone(),
+            });
+        }
+    }
+    lap("text encoder", &mut timings);
+
+    let n = pairs.len();
+    let operator = edit::solve(
+        emb.slice(s![..n, .., ..]),
+        emb.slice(s![n.., .., ..]),
+        &maps,
+        req.lambda,
+    )?;
+    let unchanged = pairs.iter().all(|(s, d)| s == d);
+    let record = EditRecord {
+        source: req.source.clone(),
+        destination: req.destination.clone(),
+        lambda: req.lambda,
+        keys: req.targets == Targets::KeysAndValues,
+        augmentations: req.augmentations.clone(),
+        tool: format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
+    };
+
+    let mut layers = Vec::new();
+    let mut patches = Vec::new();
+    let mut torch = BTreeMap::new();
+    for p in &projections {
+        let old = model.tensor_bytes(&p.tensor)?;
+        let edited = weights::apply(operator.transposed(), p, &old, req.targets)?;
+        layers.push(LayerReport {
+            initializer: p.initializer.clone(),
+            module: p.module.clone(),
+            role: p.role,
+            relative_change: if unchanged {
+                0.0
+            } else {
+                edited.relative_change
+            },
+        });
+        if req.save_weights.is_some() {
+            torch_entries(p, &edited.torch_layout, &mut torch);
+        }
+        if !unchanged {
+            patches.push(TensorPatch {
+                tensor: p.tensor.clone(),
+                data: edited.bytes,
+            });
+        }
+    }
+    lap("solve and apply", &mut timings);
+
+    let written = match &req.output {
+        Some(out) => {
+            let meta = if unchanged {
+                Vec::new()
+            } else {
+                let value = serde_json::to_string(&record).unwrap_or_default();
+                vec![(format!("{RECORD_KEY}{}", previous.len() + 1), value)]
+            };
+            let w = patch::write_patched(&model, &patches, &meta, out)?;
+            lap("write", &mut timings);
+            Some(w)
+        }
+        None => None,
+    };
+    if let Some(path) = &req.save_weights {
+        save_weights(path, &torch, &record)?;
+    }
+    Ok(EditReport {
+        layers,
+        record,
+        previous,
+        written,
+        operator,
+        unchanged,
+        timings,
+    })
+}
+
+/// Edits already recorded in a model, oldest first.
+pub fn previous_records(model: &Model) -> Vec<EditRecord> {
+    let mut numbered: Vec<(u64, EditRecord)> = model
+        .proto()
+        .metadata_props
+        .iter()
+        .filter_map(|e| {
+            let n = e.key.strip_prefix(RECORD_KEY)?.parse().ok()?;
+            Some((n, serde_json::from_str(&e.value).ok()?))
+        })
+        .collect();
+    numbered.sort_by_key(|(n, _)| *n);
+    numbered.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Keys for `--save-weights`: the diffusers parameter name where the module
+/// path is known, the initializer name otherwise.
+fn torch_entries(
+    p: &Projection,
+    w: &ndarray::Array2<f32>,
+    out: &mut BTreeMap<String, ndarray::Array2<f32>>,
+) {
+    match p.role {
+        Role::PackedKeyValue { heads } => {
+            let (k, v) = weights::split_packed(w, heads);
+            let base = p.module.clone().unwrap_or_else(|| p.initializer.clone());
+            out.insert(format!("{base}.to_k.weight"), k);
+            out.insert(format!("{base}.to_v.weight"), v);
+        }
+        _ => {
+            let base = p.module.clone().unwrap_or_else(|| p.initializer.clone());
+            out.insert(format!("{base}.weight"), w.clone());
+        }
+    }
+}
+
+fn save_weights(
+    path: &Path,
+    tensors: &BTreeMap<String, ndarray::Array2<f32>>,
+    record: &EditRecord,
+) -> Result<(), EditJobError> {
+    let err = |why: String| EditJobError::SaveWeights {
+        path: path.to_path_buf(),
+        why,
+    };
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, v)| {
+            let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (k.clone(), v.shape().to_vec(), data)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = std::collections::HashMap::from([(
+        "time_onnx.edit".to_string(),
+        serde_json::to_string(record).unwrap_or_default(),
+    )]);
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,4 @@
+//! Whole journeys, from a user's request to files on disk. The CLI maps its
+//! flags onto these requests; tests call them directly.
+
+pub mod edit;

@@ -1,0 +1,198 @@
+//! `edit` against diffusers' reference `edit_model` (run in float64 by
+//! scripts/make_fixtures.py), on every export flavour of the tiny pipeline.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use time_onnx::onnx::Model;
+use time_onnx::onnx::cross_attention::{self, Role};
+use time_onnx::unet::weights::Targets;
+use time_onnx::workflow::edit::{EditRequest, run};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// Tolerance relative to each weight's largest magnitude. fp32 flavours: our
+/// f32 embeddings (ONNX text encoder, within 1.3e-6 of torch's f64 ones) and
+/// an f64 solve. fp16 flavours: the weights we start from are the fp16
+/// roundings of the reference's (relative error up to 2⁻¹¹ ≈ 4.9e-4), and
+/// the result is rounded to fp16 again, so two fp16 half-ulps: 1e-3.
+fn tolerance(flavour: &str) -> f64 {
+    if flavour.starts_with("fp16") || flavour == "ort-packed-kv" {
+        1e-3
+    } else {
+        1e-5
+    }
+}
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/goldens/time/cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn golden(file: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(format!("{FIXTURES}/goldens/time/{file}")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(k, _)| k.ends_with(".weight"))
+        .map(|(k, t)| {
+            let vals = t
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k, (t.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+fn saved(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, t)| {
+            let vals = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect();
+            (k, (t.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+/// Packed weights carry no module path; they follow the graph order of the
+/// unpacked export (down, mid, up), which the optimum flavour names.
+fn packed_names() -> Vec<String> {
+    let m = Model::open(&PathBuf::from(format!(
+        "{FIXTURES}/sd-tiny/optimum/unet/model.onnx"
+    )))
+    .unwrap();
+    cross_attention::locate(&m)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.role == Role::Key)
+        .map(|p| p.module.unwrap().trim_end_matches(".to_k").to_string())
+        .collect()
+}
+
+fn request(
+    flavour: &str,
+    unet: PathBuf,
+    out: PathBuf,
+    case: &Value,
+    edit: &Value,
+    weights: PathBuf,
+) -> EditRequest {
+    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}"));
+    EditRequest {
+        unet,
+        output: Some(out),
+        text_encoder: dir.join("text_encoder/model.onnx"),
+        tokenizer: dir.join("tokenizer"),
+        source: edit["source"].as_str().unwrap().into(),
+        destination: edit["destination"].as_str().unwrap().into(),
+        lambda: case["lambda"].as_f64().unwrap(),
+        augmentations: case["augmentations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().into())
+            .collect(),
+        targets: if case["with_to_k"].as_bool().unwrap() {
+            Targets::KeysAndValues
+        } else {
+            Targets::ValuesOnly
+        },
+        save_weights: Some(weights),
+    }
+}
+
+fn check_flavour(flavour: &str) {
+    let tol = tolerance(flavour);
+    let packed = packed_names();
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unet = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}/unet/model.onnx"));
+        let weights = tmp.path().join("weights.safetensors");
+        // Accumulated cases edit the previous output (restart_params=False).
+        for (i, edit) in case["edits"].as_array().unwrap().iter().enumerate() {
+            let out = tmp.path().join(format!("unet{i}.onnx"));
+            let report = run(&request(
+                flavour,
+                unet.clone(),
+                out.clone(),
+                &case,
+                edit,
+                weights.clone(),
+            ))
+            .unwrap_or_else(|e| panic!("{flavour}/{name}: {e}"));
+            assert_eq!(report.previous.len(), i, "{flavour}/{name}: edit history");
+            unet = out;
+        }
+        let ours = saved(&weights);
+        let expected = golden(case["files"]["f64"].as_str().unwrap());
+        let mut worst = 0.0f64;
+        for (key, (shape, want)) in &expected {
+            let ours_key = if flavour == "ort-packed-kv" {
+                // "MatMul_KV_i_weight.to_k.weight" ↔ the i-th module in graph order.
+                let module = key.rsplitn(3, '.').nth(2).unwrap();
+                let i = packed.iter().position(|m| m == module).unwrap();
+                let suffix = &key[module.len()..];
+                format!("MatMul_KV_{i}_weight{suffix}")
+            } else {
+                key.clone()
+            };
+            let (got_shape, got) = ours
+                .get(&ours_key)
+                .unwrap_or_else(|| panic!("{flavour}/{name}: no {ours_key}"));
+            assert_eq!(got_shape, shape, "{flavour}/{name}: {key}");
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(want)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            worst = worst.max(err);
+            assert!(
+                err <= tol,
+                "{flavour}/{name}: {key} off by {err:.2e} of its max (tolerance {tol:e})"
+            );
+        }
+        eprintln!("{flavour}/{name}: worst relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn diffusers_script_layout_matches_reference() {
+    check_flavour("diffusers-onnx");
+}
+
+#[test]
+fn optimum_layout_matches_reference() {
+    check_flavour("optimum");
+}
+
+#[test]
+fn dynamo_export_matches_reference() {
+    check_flavour("dynamo");
+}
+
+#[test]
+fn fp16_single_file_matches_reference() {
+    check_flavour("fp16");
+}
+
+#[test]
+fn fp16_with_fp32_inputs_matches_reference() {
+    check_flavour("fp16-io32");
+}
+
+#[test]
+fn ort_packed_kv_matches_reference() {
+    check_flavour("ort-packed-kv");
+}
