@@ -85,3 +85,99 @@ fn inspect_of_a_missing_file_names_it() {
         "{err}"
     );
 }
+
+const UNET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/sd-tiny/optimum/unet/model.onnx"
+);
+
+fn edit_error(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = time_onnx()
+        .args(["edit", UNET, "-o"])
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{extra:?} should fail");
+    assert!(!out.exists(), "{extra:?} left an output");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn destination_missing_a_source_word_names_the_word() {
+    let err = edit_error(&["--src", "A pack of roses", "--dst", "A bunch of blue roses"]);
+    assert!(err.contains("\"pack\""), "{err}");
+}
+
+#[test]
+fn lambda_must_be_positive_and_finite() {
+    for l in ["0", "-1", "NaN", "inf"] {
+        let err = edit_error(&[
+            "--src",
+            "a rose",
+            "--dst",
+            "a blue rose",
+            &format!("--lambda={l}"),
+        ]);
+        assert!(
+            err.to_lowercase().contains("lambda") || err.contains('λ'),
+            "{l}: {err}"
+        );
+    }
+}
+
+#[test]
+fn missing_text_encoder_is_named() {
+    let err = edit_error(&[
+        "--src",
+        "a rose",
+        "--dst",
+        "a blue rose",
+        "--text-encoder",
+        "/nonexistent/te.onnx",
+    ]);
+    assert!(err.contains("/nonexistent/te.onnx"), "{err}");
+}
+
+#[test]
+fn edit_prints_a_one_line_summary_and_records_the_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = time_onnx()
+        .args([
+            "edit",
+            UNET,
+            "--src",
+            "A pack of roses",
+            "--dst",
+            "A pack of blue roses",
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.starts_with("edited 14 of 14 K/V weights") && text.lines().count() == 1,
+        "{text}"
+    );
+    let inspect = time_onnx()
+        .arg("inspect")
+        .arg(&out)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let meta = v["metadata"].as_array().unwrap();
+    let record = meta
+        .iter()
+        .find(|e| e[0] == "time_onnx.edit.1")
+        .expect("edit record");
+    assert!(record[1].as_str().unwrap().contains("A pack of blue roses"));
+}
