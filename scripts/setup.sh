@@ -55,12 +55,20 @@ unpack_wheel() { # <wheel> <dest>: extract without needing `unzip`
   python3 -m zipfile -e "$1" "$2"
 }
 
+# pip matches --platform tags exactly, so list the older manylinux tags the
+# nvidia-* wheels use as well.
+pip_download() { # <requirement> <dir>
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --disable-pip-version-check "$1" -d "$2"
+}
+
 fetch_wheel() { # <requirement> <dir>
   mkdir -p "$2"
   if ! ls "$2"/*.whl >/dev/null 2>&1; then
     say "downloading $1 from PyPI"
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-      --platform manylinux_2_28_x86_64 --disable-pip-version-check "$1" -d "$2"
+    pip_download "$1" "$2"
   fi
 }
 
@@ -93,14 +101,15 @@ if [ "$cuda" = 1 ]; then
   # LD_LIBRARY_PATH.
   gpu="$TP/onnxruntime-gpu"
   install_ort onnxruntime-gpu "$gpu"
-  for req in nvidia-cuda-runtime nvidia-cublas nvidia-curand nvidia-cudnn-cu13 nvidia-cufft nvidia-nvjitlink; do
-    marker="$gpu/.have-$req"
+  # Versions that are known to work together (torch 2.14's CUDA 13 set).
+  for req in nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.1.3 nvidia-curand==10.4.0.35 \
+             nvidia-cudnn-cu13==9.24.0.43 nvidia-nvjitlink==13.5.37; do
+    marker="$gpu/.have-${req%%==*}"
     [ -f "$marker" ] && continue
-    dir="$TP/wheels/$req"
+    dir="$TP/wheels/${req%%==*}"
     rm -rf "$dir"; mkdir -p "$dir"
     say "downloading $req (CUDA 13) from PyPI"
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-      --platform manylinux_2_28_x86_64 --disable-pip-version-check "$req" -d "$dir"
+    pip_download "$req" "$dir"
     tmp=$(mktemp -d "$TP/.unpack.XXXXXX")
     for w in "$dir"/*.whl; do unpack_wheel "$w" "$tmp"; done
     find "$tmp" -name 'lib*.so*' -exec cp -P {} "$gpu/" \;
