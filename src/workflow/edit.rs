@@ -150,6 +150,9 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
         return Err(EditError::BadLambda { lambda: req.lambda }.into());
     }
     let model = Model::open(&req.unet)?;
+    if let Some(out) = &req.output {
+        patch::check_output(&model, out)?;
+    }
     let projections = cross_attention::locate(&model)?;
     let previous = previous_records(&model);
     lap("read UNet", &mut timings);
@@ -207,9 +210,10 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
     let mut layers = Vec::new();
     let mut patches = Vec::new();
     let mut torch = BTreeMap::new();
+    let at32 = operator.transposed().mapv(|v| v as f32);
     for p in &projections {
         let old = model.tensor_bytes(&p.tensor)?;
-        let edited = weights::apply(operator.transposed(), p, &old, req.targets)?;
+        let edited = weights::apply(operator.transposed(), at32.view(), p, &old, req.targets)?;
         layers.push(LayerReport {
             initializer: p.initializer.clone(),
             module: p.module.clone(),
@@ -221,7 +225,7 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
             },
         });
         if req.save_weights.is_some() {
-            torch_entries(p, &edited.torch_layout, &mut torch);
+            torch_entries(p, &weights::torch_layout(p, &edited.bytes)?, &mut torch);
         }
         if !unchanged {
             patches.push(TensorPatch {
