@@ -10,6 +10,7 @@
 
 pub mod edit;
 pub mod onnx;
+pub mod pipeline;
 pub mod runtime;
 pub mod text;
 pub mod unet;

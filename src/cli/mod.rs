@@ -3,11 +3,10 @@
 
 mod doctor;
 mod edit;
+mod generate;
 mod inspect;
 
-use std::path::PathBuf;
-
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 /// Edit the implicit assumptions of Stable Diffusion models inside their ONNX
 /// files (TIME, Orgad et al. 2023), and generate images with the result.
@@ -29,25 +28,11 @@ enum Command {
     /// Apply a TIME edit to a UNet's cross-attention weights, writing a new ONNX file.
     Edit(edit::EditArgs),
     /// Generate images from a Stable Diffusion ONNX model folder.
-    Generate(GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Show what an ONNX model contains: inputs, outputs, weight storage.
     Inspect(inspect::InspectArgs),
     /// Check which ONNX Runtime library is used and which execution providers work.
     Doctor,
-}
-
-/// `time-onnx generate` (its implementation lands with the generate issue).
-#[derive(Debug, Args)]
-struct GenerateArgs {
-    /// The model folder (diffusers or optimum ONNX layout).
-    #[arg(long)]
-    model: PathBuf,
-    /// The prompt.
-    #[arg(long)]
-    prompt: String,
-    /// Output PNG.
-    #[arg(short, long, default_value = "out.png")]
-    output: PathBuf,
 }
 
 /// How much to log.
@@ -101,9 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     } = cli;
     match command {
         Command::Edit(args) => edit::run(args),
-        Command::Generate(_) => {
-            anyhow::bail!("`generate` is not implemented yet in this version of time-onnx")
-        }
+        Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Doctor => doctor::run(),
     }

@@ -1,6 +1,7 @@
 //! ONNX Runtime: loading the library, creating sessions, execution providers.
 
 pub mod library;
+pub mod tensors;
 
 pub use library::LoadError;
 
@@ -59,6 +60,17 @@ pub enum SessionError {
         #[source]
         source: ort::Error,
     },
+    /// `--device cuda` was asked for and the CUDA provider did not start.
+    #[error(
+        "{path}: the CUDA execution provider did not start (run `time-onnx doctor`, or use --device cpu)"
+    )]
+    Cuda {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        #[source]
+        source: ort::Error,
+    },
     /// The model's inputs or outputs are not what its role needs.
     #[error("{path}: {why}")]
     Interface {
@@ -69,16 +81,76 @@ pub enum SessionError {
     },
 }
 
+/// Where models run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when its provider starts, CPU otherwise (with a warning saying why).
+    #[default]
+    Auto,
+    /// CUDA or an error.
+    Cuda,
+    /// CPU only.
+    Cpu,
+}
+
+/// How sessions are built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionOptions {
+    /// Execution provider choice.
+    pub device: Device,
+    /// Intra-op threads; `None` lets ONNX Runtime choose (one per core).
+    pub threads: Option<usize>,
+}
+
 impl Runtime {
-    /// Opens a session for `path` on the CPU provider.
+    /// Opens a session for `path` on the CPU provider with default options.
     pub fn session(&self, path: &Path) -> Result<ort::session::Session, SessionError> {
+        self.session_with(
+            path,
+            SessionOptions {
+                device: Device::Cpu,
+                threads: None,
+            },
+        )
+    }
+
+    /// Opens a session for `path` as `opts` say.
+    ///
+    /// ort falls back to CPU silently when a provider fails to register; we
+    /// register CUDA with `error_on_failure` and decide ourselves, so `--device
+    /// cuda` fails loudly and `auto` says why it fell back.
+    pub fn session_with(
+        &self,
+        path: &Path,
+        opts: SessionOptions,
+    ) -> Result<ort::session::Session, SessionError> {
         let err = |source: ort::Error| SessionError::Ort {
             path: path.to_path_buf(),
             source,
         };
-        ort::session::Session::builder(&self.env)
-            .map_err(err)?
-            .commit_from_file(path)
-            .map_err(err)
+        let mut builder = ort::session::Session::builder(&self.env).map_err(err)?;
+        if let Some(n) = opts.threads {
+            builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
+        }
+        if opts.device != Device::Cpu {
+            let cuda = ort::ep::CUDA::default().build().error_on_failure();
+            match builder.with_execution_providers([cuda]) {
+                Ok(b) => {
+                    tracing::info!(model = %path.display(), "running on CUDA");
+                    builder = b;
+                }
+                Err(e) if opts.device == Device::Auto => {
+                    tracing::warn!("CUDA unavailable, running on CPU: {e}");
+                    builder = e.recover();
+                }
+                Err(e) => {
+                    return Err(SessionError::Cuda {
+                        path: path.to_path_buf(),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+        builder.commit_from_file(path).map_err(err)
     }
 }

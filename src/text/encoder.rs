@@ -6,7 +6,8 @@ use ndarray::Array3;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 
-use crate::runtime::{Runtime, SessionError};
+use crate::runtime::tensors::float_array;
+use crate::runtime::{Device, Runtime, SessionError, SessionOptions};
 
 /// A text encoder session and what its interface looks like.
 ///
@@ -21,9 +22,25 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Opens `path` and checks it takes token ids and returns hidden states.
+    /// Opens `path` on the CPU and checks it takes token ids and returns hidden states.
     pub fn open(rt: &Runtime, path: &Path) -> Result<Self, SessionError> {
-        let session = rt.session(path)?;
+        Self::open_with(
+            rt,
+            path,
+            SessionOptions {
+                device: Device::Cpu,
+                threads: None,
+            },
+        )
+    }
+
+    /// [`Self::open`] with session options.
+    pub fn open_with(
+        rt: &Runtime,
+        path: &Path,
+        opts: SessionOptions,
+    ) -> Result<Self, SessionError> {
+        let session = rt.session_with(path, opts)?;
         let bad = |why: String| SessionError::Interface {
             path: path.to_path_buf(),
             why,
@@ -101,25 +118,20 @@ impl TextEncoder {
             .session
             .run(ort::inputs![self.ids_input.as_str() => input])
             .map_err(err)?;
-        let value = &outputs[self.output.as_str()];
-        let (dims, data): (Vec<i64>, Vec<f32>) = match value.try_extract_tensor::<f32>() {
-            Ok((s, d)) => (s.to_vec(), d.to_vec()),
-            Err(_) => {
-                let (s, d) = value.try_extract_tensor::<half::f16>().map_err(err)?;
-                (s.to_vec(), d.iter().map(|x| x.to_f32()).collect())
-            }
-        };
+        let out = float_array(&outputs[self.output.as_str()]).map_err(err)?;
+        let dims: Vec<usize> = out.shape().to_vec();
         let [b, l, d] = dims[..] else {
             return Err(bad(format!(
                 "output {:?} has shape {dims:?}, expected [batch, tokens, width]",
                 self.output
             )));
         };
-        if b as usize != n || l as usize != len {
+        if b != n || l != len {
             return Err(bad(format!(
                 "output shape {dims:?} does not match the input [{n}, {len}]"
             )));
         }
-        Array3::from_shape_vec((n, len, d as usize), data).map_err(|e| bad(e.to_string()))
+        out.into_shape_with_order((b, l, d))
+            .map_err(|e| bad(e.to_string()))
     }
 }

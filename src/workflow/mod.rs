@@ -2,3 +2,4 @@
 //! flags onto these requests; tests call them directly.
 
 pub mod edit;
+pub mod generate;

@@ -1,0 +1,266 @@
+//! `time-onnx generate`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use time_onnx::pipeline::png::{read_npy, write_npy, write_png};
+use time_onnx::pipeline::schedulers::SchedulerKind;
+use time_onnx::runtime::{Device, Runtime, SessionOptions};
+use time_onnx::workflow::generate::{Generator, Params};
+
+/// Arguments of `generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The model folder (diffusers convert-script or optimum ONNX layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A file with one prompt per line; the sessions are loaded once for all of them.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// What the images should not show.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// A UNet to use instead of the folder's, e.g. one written by `time-onnx edit`.
+    #[arg(long)]
+    unet: Option<PathBuf>,
+    /// Output file; with several images, "-<n>" (and "-<prompt>" for --prompts) is added before the extension.
+    #[arg(short, long, default_value = "out.png")]
+    output: PathBuf,
+    /// png: 8-bit images with the parameters in text chunks; npy: the float images [n, h, w, 3] in [0, 1].
+    #[arg(long, value_enum, default_value_t = OutputType::Png)]
+    output_type: OutputType,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Seed of time-onnx's RNG (xoshiro256++ and Box–Muller; not torch's).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Initial latents as a float32 .npy [n or 1, 4, h/8, w/8], instead of drawing them from --seed.
+    #[arg(long, value_name = "FILE.npy")]
+    latents: Option<PathBuf>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Image height in pixels (default: the UNet's sample size × the VAE factor).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Scheduler (default: the one in scheduler/scheduler_config.json).
+    #[arg(long, value_parser = parse_scheduler)]
+    scheduler: Option<SchedulerKind>,
+    /// DDIM's η (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Where to run: CUDA when it starts (auto), or insist on one.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Intra-op threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OutputType {
+    Png,
+    Npy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse::<SchedulerKind>().map_err(|e| e.to_string())
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let GenerateArgs {
+        model,
+        prompt,
+        prompts,
+        negative_prompt,
+        unet,
+        output,
+        output_type,
+        steps,
+        guidance,
+        seed,
+        latents,
+        num_images,
+        height,
+        width,
+        scheduler,
+        eta,
+        device,
+        threads,
+    } = args;
+    let prompts: Vec<String> = match (prompt, prompts) {
+        (Some(p), _) => vec![p],
+        (None, Some(file)) => std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        (None, None) => bail!("give --prompt or --prompts"),
+    };
+    if prompts.is_empty() {
+        bail!("the prompts file has no prompts");
+    }
+    let latents = match latents {
+        Some(path) => {
+            let (shape, data) =
+                read_npy(&path).with_context(|| format!("reading latents {}", path.display()))?;
+            Some(ndarray::ArrayD::from_shape_vec(shape, data).context("latents")?)
+        }
+        None => None,
+    };
+
+    let rt = Runtime::load()?;
+    let device = resolve_device(&rt, device)?;
+    let opts = SessionOptions { device, threads };
+    let mut generator = Generator::open(&rt, &model, unet.as_deref(), opts)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let side = generator.default_size();
+    let params = Params {
+        steps,
+        guidance,
+        negative_prompt: negative_prompt.clone(),
+        num_images,
+        height: height.unwrap_or(side),
+        width: width.unwrap_or(side),
+        seed,
+        latents,
+        scheduler,
+        eta,
+    };
+    let kind = generator.scheduler_kind(&params)?;
+    let edits = serde_json::to_string(&generator.edits).unwrap_or_default();
+    for (pi, prompt) in prompts.iter().enumerate() {
+        let started = Instant::now();
+        let mut progress = progress_printer();
+        let images = generator.generate(prompt, &params, &mut progress)?;
+        let n = images.shape()[0];
+        let tag = (prompts.len() > 1).then_some(pi);
+        if output_type == OutputType::Npy {
+            let path = numbered(&output, tag, None);
+            write_npy(
+                &path,
+                images.shape(),
+                images
+                    .as_slice()
+                    .unwrap_or(&images.to_owned().into_raw_vec_and_offset().0),
+            )
+            .with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", path.display());
+        } else {
+            for (i, img) in images.outer_iter().enumerate() {
+                let path = numbered(&output, tag, (n > 1).then_some(i));
+                let text = vec![
+                    ("prompt".to_string(), prompt.clone()),
+                    ("negative_prompt".to_string(), negative_prompt.clone()),
+                    ("seed".to_string(), seed.to_string()),
+                    ("image_index".to_string(), i.to_string()),
+                    ("steps".to_string(), steps.to_string()),
+                    ("scheduler".to_string(), kind.to_string()),
+                    ("guidance".to_string(), guidance.to_string()),
+                    (
+                        "size".to_string(),
+                        format!("{}x{}", params.width, params.height),
+                    ),
+                    ("model".to_string(), model.display().to_string()),
+                    (
+                        "unet".to_string(),
+                        generator.unet_path.display().to_string(),
+                    ),
+                    ("time_onnx.edits".to_string(), edits.clone()),
+                    (
+                        "Software".to_string(),
+                        format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
+                    ),
+                ];
+                write_png(&path, img, &text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
+        }
+        tracing::info!(
+            "{:?}: {n} image(s) in {:.2} s",
+            prompt,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Decides the device once, so that "CUDA unavailable" is said once, not per session.
+fn resolve_device(rt: &Runtime, d: DeviceArg) -> anyhow::Result<Device> {
+    Ok(match d {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda,
+        DeviceArg::Auto => match rt.cuda_check() {
+            Ok(()) => {
+                eprintln!("running on CUDA");
+                Device::Cuda
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let short = reason.lines().next().unwrap_or_default();
+                eprintln!("warning: CUDA is not available, running on CPU ({short})");
+                Device::Cpu
+            }
+        },
+    })
+}
+
+/// `out.png` → `out-<prompt>-<image>.png` as needed.
+fn numbered(base: &Path, prompt: Option<usize>, image: Option<usize>) -> PathBuf {
+    if prompt.is_none() && image.is_none() {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = base
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let mut name = stem;
+    for part in [prompt, image].into_iter().flatten() {
+        name.push_str(&format!("-{part}"));
+    }
+    base.with_file_name(format!("{name}{ext}"))
+}
+
+/// A progress line with steps/s on a terminal; nothing otherwise.
+fn progress_printer() -> impl FnMut(usize, usize) {
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        if !tty {
+            return;
+        }
+        let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        eprint!("\rstep {done}/{total}  {rate:.2} steps/s ");
+        if done == total {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
+    }
+}

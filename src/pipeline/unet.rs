@@ -1,0 +1,123 @@
+//! The UNet session: one noise prediction per call, inputs fed in the types
+//! and ranks the export declares.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
+use ort::session::Session;
+use ort::value::{Tensor, TensorElementType};
+
+use crate::runtime::tensors::{float_array, float_value, port};
+use crate::runtime::{Runtime, SessionError, SessionOptions};
+
+/// A loaded UNet and the shape of its interface.
+pub struct Unet {
+    path: PathBuf,
+    session: Session,
+    sample: TensorElementType,
+    timestep: (TensorElementType, usize),
+    hidden: (TensorElementType, Vec<i64>),
+    output: String,
+}
+
+impl Unet {
+    /// Opens the UNet and checks its inputs are `sample`, `timestep`, `encoder_hidden_states`.
+    pub fn open(rt: &Runtime, path: &Path, opts: SessionOptions) -> Result<Self, SessionError> {
+        let session = rt
+            .session_with(path, opts)
+            .map_err(|e| explain_contrib_ops(e, path))?;
+        let bad = |why: String| SessionError::Interface {
+            path: path.to_path_buf(),
+            why,
+        };
+        let need = |name: &str| {
+            port(&session, name, true)
+                .ok_or_else(|| bad(format!("the UNet has no tensor input {name:?}")))
+        };
+        let (sample, _) = need("sample")?;
+        let (t_ty, t_shape) = need("timestep")?;
+        let hidden = need("encoder_hidden_states")?;
+        let output = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "out_sample")
+            .or_else(|| session.outputs().first())
+            .ok_or_else(|| bad("the UNet has no outputs".into()))?
+            .name()
+            .to_string();
+        Ok(Self {
+            path: path.to_path_buf(),
+            session,
+            sample,
+            timestep: (t_ty, t_shape.len()),
+            hidden,
+            output,
+        })
+    }
+
+    /// The text-embedding width the UNet expects, when the export fixes it.
+    pub fn text_width(&self) -> Option<usize> {
+        self.hidden.1.last().and_then(|&d| usize::try_from(d).ok())
+    }
+
+    /// Predicts the noise for a batch.
+    ///
+    /// `sample: [b, c, h, w] f32`, `t`: the scheduler's timestep,
+    /// `hidden: [b, 77, d] f32`. Returns `[b, c, h, w] f32`.
+    pub fn predict(
+        &mut self,
+        sample: ArrayView4<f32>,
+        t: f64,
+        hidden: ArrayView3<f32>,
+    ) -> Result<Array4<f32>, SessionError> {
+        let path = self.path.clone();
+        let err = |source: ort::Error| SessionError::Ort {
+            path: path.clone(),
+            source,
+        };
+        let b = sample.shape()[0];
+        let t_shape = if self.timestep.1 == 0 {
+            IxDyn(&[])
+        } else {
+            IxDyn(&[b])
+        };
+        let timestep = match self.timestep.0 {
+            TensorElementType::Int64 => {
+                Tensor::from_array(ArrayD::from_elem(t_shape, t.round() as i64))
+                    .map_err(err)?
+                    .into_dyn()
+            }
+            ty => float_value(ty, ArrayD::from_elem(t_shape, t as f32).view()).map_err(err)?,
+        };
+        let inputs = ort::inputs![
+            "sample" => float_value(self.sample, sample.into_dyn()).map_err(err)?,
+            "timestep" => timestep,
+            "encoder_hidden_states" => float_value(self.hidden.0, hidden.into_dyn()).map_err(err)?,
+        ];
+        let outputs = self.session.run(inputs).map_err(err)?;
+        let out = float_array(&outputs[self.output.as_str()]).map_err(err)?;
+        out.into_dimensionality()
+            .map_err(|e| SessionError::Interface {
+                path: self.path.clone(),
+                why: e.to_string(),
+            })
+    }
+}
+
+/// ORT-optimized UNets use contrib ops (packed K/V attention, NhwcConv,
+/// GroupNorm) that only the CUDA provider implements: say so instead of
+/// passing on "kernel not found".
+fn explain_contrib_ops(e: SessionError, path: &Path) -> SessionError {
+    match e {
+        SessionError::Ort { source, .. } if source.to_string().contains("com.microsoft") => {
+            SessionError::Interface {
+                path: path.to_path_buf(),
+                why: format!(
+                    "this UNet was optimized by ONNX Runtime's transformer optimizer for GPUs and uses operators the CPU \
+                 provider lacks ({source}); run it with --device cuda, or use the unoptimized export"
+                ),
+            }
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,200 @@
+//! `generate` against the fixture script's 3-step runs through onnxruntime
+//! with diffusers' schedulers (its loop matches diffusers'
+//! OnnxStableDiffusionPipeline to 8.3e-7 where that pipeline runs).
+
+use std::path::{Path, PathBuf};
+
+use ndarray::ArrayD;
+use serde_json::Value;
+use time_onnx::edit::DEFAULT_AUGMENTATIONS;
+use time_onnx::pipeline::png::{read_npy, read_png_text, write_png};
+use time_onnx::pipeline::schedulers::{SchedulerConfig, SchedulerKind, python_json};
+use time_onnx::runtime::{Device, Runtime, SessionOptions};
+use time_onnx::unet::weights::Targets;
+use time_onnx::workflow::edit::{self, EditRequest};
+use time_onnx::workflow::generate::{Generator, Params};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn npy(path: &Path) -> ArrayD<f32> {
+    let (shape, data) = read_npy(path).unwrap();
+    ArrayD::from_shape_vec(shape, data).unwrap()
+}
+
+fn index() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/goldens/generations/index.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The edit the "edited" goldens carry: roses → blue roses, λ 0.1, K+V.
+fn edited_unet(layout: &str, dir: &Path) -> PathBuf {
+    let root = PathBuf::from(format!("{FIXTURES}/sd-tiny/{layout}"));
+    let out = dir.join("unet.onnx");
+    edit::run(&EditRequest {
+        unet: root.join("unet/model.onnx"),
+        output: Some(out.clone()),
+        text_encoder: root.join("text_encoder/model.onnx"),
+        tokenizer: root.join("tokenizer"),
+        source: "A pack of roses".into(),
+        destination: "A pack of blue roses".into(),
+        lambda: 0.1,
+        augmentations: DEFAULT_AUGMENTATIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        targets: Targets::KeysAndValues,
+        save_weights: None,
+    })
+    .unwrap();
+    out
+}
+
+fn params(run: &Value, latents: &ArrayD<f32>, scheduler: SchedulerKind) -> Params {
+    Params {
+        steps: 3,
+        guidance: 7.5,
+        negative_prompt: run["negative_prompt"].as_str().unwrap_or("").to_string(),
+        num_images: 1,
+        height: 128,
+        width: 128,
+        seed: 0,
+        latents: Some(latents.clone()),
+        scheduler: Some(scheduler),
+        eta: 0.0,
+    }
+}
+
+fn base_config() -> SchedulerConfig {
+    let text =
+        std::fs::read_to_string(format!("{FIXTURES}/goldens/schedulers/index.json")).unwrap();
+    let v = python_json(&text).unwrap();
+    SchedulerConfig::from_value(v["base_config"].clone()).unwrap()
+}
+
+fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn cpu() -> SessionOptions {
+    SessionOptions {
+        device: Device::Cpu,
+        threads: Some(1),
+    }
+}
+
+fn check_runs(layout_filter: &str) {
+    let rt = Runtime::load().unwrap();
+    let latents = npy(&PathBuf::from(format!(
+        "{FIXTURES}/goldens/generations/latents.npy"
+    )));
+    let tmp = tempfile::tempdir().unwrap();
+    for run in index()["runs"].as_array().unwrap() {
+        let layout = run["layout"].as_str().unwrap();
+        if layout != layout_filter {
+            continue;
+        }
+        let name = run["name"].as_str().unwrap();
+        let unet = run["edited"]
+            .as_bool()
+            .unwrap()
+            .then(|| edited_unet(layout, tmp.path()));
+        let mut g = Generator::open(
+            &rt,
+            &PathBuf::from(format!("{FIXTURES}/sd-tiny/{layout}")),
+            unet.as_deref(),
+            cpu(),
+        )
+        .unwrap();
+        // The goldens' schedulers come from diffusers' SD 1.x base config,
+        // which has no `timestep_spacing` (Euler: linspace), not from the
+        // saved file (which says "leading").
+        g.set_scheduler_config(base_config());
+        let kind: SchedulerKind = run["scheduler"].as_str().unwrap().parse().unwrap();
+        let image = g
+            .generate(
+                "A pack of roses",
+                &params(run, &latents, kind),
+                &mut |_, _| {},
+            )
+            .unwrap()
+            .into_dyn();
+        let golden = npy(&PathBuf::from(format!(
+            "{FIXTURES}/goldens/generations/{}",
+            run["file"].as_str().unwrap()
+        )));
+        let err = max_abs_diff(&image, &golden);
+        eprintln!("{name}: max abs diff {err:.2e}");
+        assert!(err <= 1e-4, "{name}: max abs diff {err:e} > 1e-4");
+    }
+}
+
+#[test]
+fn optimum_layout_matches_reference_generations() {
+    check_runs("optimum");
+}
+
+#[test]
+fn diffusers_script_layout_matches_reference_generations() {
+    check_runs("diffusers-onnx");
+}
+
+/// fp16 UNets compute in half precision: their images stay within 2e-2 of
+/// the fp32 reference.
+#[test]
+fn fp16_unets_are_within_fp16_tolerance() {
+    let rt = Runtime::load().unwrap();
+    let latents = npy(&PathBuf::from(format!(
+        "{FIXTURES}/goldens/generations/latents.npy"
+    )));
+    let golden = npy(&PathBuf::from(format!(
+        "{FIXTURES}/goldens/generations/optimum.pndm.noneg.orig.npy"
+    )));
+    let run = serde_json::json!({ "negative_prompt": null });
+    for flavour in ["fp16", "fp16-io32"] {
+        let mut g = Generator::open(
+            &rt,
+            &PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}")),
+            None,
+            cpu(),
+        )
+        .unwrap();
+        let image = g
+            .generate(
+                "A pack of roses",
+                &params(&run, &latents, SchedulerKind::Pndm),
+                &mut |_, _| {},
+            )
+            .unwrap()
+            .into_dyn();
+        let err = max_abs_diff(&image, &golden);
+        eprintln!("{flavour}: max abs diff {err:.2e}");
+        assert!(err <= 2e-2, "{flavour}: {err}");
+    }
+}
+
+#[test]
+fn png_text_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("x.png");
+    let img = ndarray::Array3::from_shape_fn((4, 6, 3), |(y, x, c)| ((y + x + c) % 5) as f32 / 4.0);
+    let text = vec![
+        ("prompt".to_string(), "A pack of roses".to_string()),
+        (
+            "negative_prompt".to_string(),
+            "東京の夜景 — not Latin-1".to_string(),
+        ),
+        ("seed".to_string(), "42".to_string()),
+    ];
+    write_png(&path, img.view(), &text).unwrap();
+    let mut back = read_png_text(&path).unwrap();
+    back.sort();
+    let mut want = text.clone();
+    want.sort();
+    assert_eq!(back, want);
+    let decoded = image::open(&path).unwrap().to_rgb8();
+    assert_eq!(decoded.dimensions(), (6, 4));
+    assert_eq!(decoded.get_pixel(1, 0).0, [64, 128, 191]);
+}
