@@ -221,7 +221,7 @@ fn resolve_device(rt: &Runtime, d: DeviceArg) -> anyhow::Result<Device> {
             Err(e) => {
                 let reason = e.to_string();
                 let short = reason.lines().next().unwrap_or_default();
-                eprintln!("warning: CUDA is not available, running on CPU ({short})");
+                tracing::warn!("CUDA is not available, running on CPU ({short})");
                 Device::Cpu
             }
         },

@@ -4,6 +4,7 @@
 mod doctor;
 mod edit;
 mod generate;
+mod grid;
 mod inspect;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Show what an ONNX model contains: inputs, outputs, weight storage.
     Inspect(inspect::InspectArgs),
+    /// Tile PNG images into one, e.g. the same seeds before and after an edit.
+    Grid(grid::GridArgs),
     /// Check which ONNX Runtime library is used and which execution providers work.
     Doctor,
 }
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Edit(args) => edit::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Grid(args) => grid::run(args),
         Command::Doctor => doctor::run(),
     }
 }

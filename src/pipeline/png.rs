@@ -143,3 +143,42 @@ pub fn read_npy(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
             .collect(),
     ))
 }
+
+/// Tiles equally sized images `[h, w, 3] f32` into rows of `cols`, with a
+/// `gap`-pixel white border between them: `[rows·(h+gap)+gap, cols·(w+gap)+gap, 3]`.
+pub fn grid(
+    images: &[ndarray::Array3<f32>],
+    cols: usize,
+    gap: usize,
+) -> Option<ndarray::Array3<f32>> {
+    let first = images.first()?;
+    let (h, w, c) = first.dim();
+    if cols == 0 || images.iter().any(|i| i.dim() != (h, w, c)) {
+        return None;
+    }
+    let rows = images.len().div_ceil(cols);
+    let mut out =
+        ndarray::Array3::from_elem((rows * (h + gap) + gap, cols * (w + gap) + gap, c), 1.0f32);
+    for (k, img) in images.iter().enumerate() {
+        let (y, x) = (gap + (k / cols) * (h + gap), gap + (k % cols) * (w + gap));
+        out.slice_mut(ndarray::s![y..y + h, x..x + w, ..])
+            .assign(img);
+    }
+    Some(out)
+}
+
+/// Reads an 8-bit PNG as `[h, w, 3] f32` in [0, 1].
+pub fn read_png(path: &Path) -> std::io::Result<ndarray::Array3<f32>> {
+    let img = image::open(path)
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    ndarray::Array3::from_shape_vec(
+        (h as usize, w as usize, 3),
+        img.into_raw()
+            .into_iter()
+            .map(|v| f32::from(v) / 255.0)
+            .collect(),
+    )
+    .map_err(|e| std::io::Error::other(e.to_string()))
+}
