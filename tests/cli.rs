@@ -181,3 +181,34 @@ fn edit_prints_a_one_line_summary_and_records_the_edit() {
         .expect("edit record");
     assert!(record[1].as_str().unwrap().contains("A pack of blue roses"));
 }
+
+#[test]
+fn operator_files_are_written_without_a_unet_and_inspected() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = dir.path().join("roses.safetensors");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sd-tiny/optimum"
+    );
+    let o = time_onnx()
+        .args([
+            "edit",
+            "--model",
+            model,
+            "--src",
+            "A pack of roses",
+            "--dst",
+            "A pack of blue roses",
+            "--save-operator",
+        ])
+        .arg(&op)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let i = time_onnx().arg("inspect").arg(&op).output().unwrap();
+    let text = String::from_utf8(i.stdout).unwrap();
+    assert!(
+        text.contains("16×16") && text.contains("\"A pack of blue roses\""),
+        "{text}"
+    );
+}

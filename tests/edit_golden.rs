@@ -89,7 +89,7 @@ fn request(
 ) -> EditRequest {
     let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}"));
     EditRequest {
-        unet,
+        unet: Some(unet),
         output: Some(out),
         text_encoder: dir.join("text_encoder/model.onnx"),
         tokenizer: dir.join("tokenizer"),
@@ -108,6 +108,7 @@ fn request(
             Targets::ValuesOnly
         },
         save_weights: Some(weights),
+        save_operator: None,
     }
 }
 

@@ -18,7 +18,7 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 fn request(flavour: &str, out: &Path, src: &str, dst: &str, lambda: f64) -> EditRequest {
     let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}"));
     EditRequest {
-        unet: dir.join("unet/model.onnx"),
+        unet: Some(dir.join("unet/model.onnx")),
         output: Some(out.to_path_buf()),
         text_encoder: dir.join("text_encoder/model.onnx"),
         tokenizer: dir.join("tokenizer"),
@@ -31,6 +31,7 @@ fn request(flavour: &str, out: &Path, src: &str, dst: &str, lambda: f64) -> Edit
             .collect(),
         targets: Targets::KeysAndValues,
         save_weights: None,
+        save_operator: None,
     }
 }
 

@@ -33,7 +33,7 @@ fn edited_unet(layout: &str, dir: &Path) -> PathBuf {
     let root = PathBuf::from(format!("{FIXTURES}/sd-tiny/{layout}"));
     let out = dir.join("unet.onnx");
     edit::run(&EditRequest {
-        unet: root.join("unet/model.onnx"),
+        unet: Some(root.join("unet/model.onnx")),
         output: Some(out.clone()),
         text_encoder: root.join("text_encoder/model.onnx"),
         tokenizer: root.join("tokenizer"),
@@ -46,6 +46,7 @@ fn edited_unet(layout: &str, dir: &Path) -> PathBuf {
             .collect(),
         targets: Targets::KeysAndValues,
         save_weights: None,
+        save_operator: None,
     })
     .unwrap();
     out

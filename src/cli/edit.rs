@@ -11,8 +11,10 @@ use time_onnx::workflow::edit::{self, EditReport, EditRequest};
 /// Arguments of `edit`.
 #[derive(Debug, Args)]
 pub struct EditArgs {
-    /// The UNet to edit, e.g. my-model/unet/model.onnx. It is only read.
-    unet: PathBuf,
+    /// The UNet to edit, e.g. my-model/unet/model.onnx. It is only read. Optional with
+    /// --save-operator (then --model or --text-encoder and --tokenizer say where the text side is).
+    #[arg(required_unless_present = "save_operator")]
+    unet: Option<PathBuf>,
     /// The source prompt: what the model assumes, e.g. "A pack of roses".
     #[arg(long)]
     src: String,
@@ -20,7 +22,7 @@ pub struct EditArgs {
     #[arg(long)]
     dst: String,
     /// Where to write the edited UNet (external data, if any, goes beside it as <name>_data).
-    #[arg(short, long, required_unless_present = "dry_run")]
+    #[arg(short, long, required_unless_present_any = ["dry_run", "save_operator"], requires = "unet")]
     output: Option<PathBuf>,
     /// The model folder holding text_encoder/ and tokenizer/ (default: the UNet's parent's parent).
     #[arg(long)]
@@ -46,6 +48,10 @@ pub struct EditArgs {
     /// Also write the edited K/V weights as safetensors, torch [out, in] layout, keyed by diffusers module names.
     #[arg(long, value_name = "FILE")]
     save_weights: Option<PathBuf>,
+    /// Also write the edit as an operator file (the d×d matrix A, ~2 MB for SD 1.x), which
+    /// `time-onnx generate --edit` applies to the text embeddings of an unedited UNet.
+    #[arg(long, value_name = "FILE.safetensors")]
+    save_operator: Option<PathBuf>,
     /// Do everything but write: print what would change.
     #[arg(long)]
     dry_run: bool,
@@ -65,9 +71,14 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         no_augs,
         values_only,
         save_weights,
+        save_operator,
         dry_run,
     } = args;
-    let model_dir = model.unwrap_or_else(|| default_model_dir(&unet));
+    let model_dir = match (&model, &unet) {
+        (Some(m), _) => m.clone(),
+        (None, Some(u)) => default_model_dir(u),
+        (None, None) => PathBuf::from("."),
+    };
     let text_encoder =
         text_encoder.unwrap_or_else(|| model_dir.join("text_encoder").join("model.onnx"));
     let tokenizer = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer"));
@@ -90,6 +101,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let req = EditRequest {
         unet: unet.clone(),
         output: if dry_run { None } else { output },
+        save_operator: if dry_run { None } else { save_operator },
         text_encoder,
         tokenizer,
         source: src,
@@ -103,8 +115,12 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         },
         save_weights,
     };
-    let report = edit::run(&req).with_context(|| format!("editing {}", unet.display()))?;
-    print_report(&report, dry_run);
+    let what = unet.as_ref().map_or_else(
+        || "the edit operator".to_string(),
+        |u| u.display().to_string(),
+    );
+    let report = edit::run(&req).with_context(|| format!("editing {what}"))?;
+    print_report(&report, dry_run, req.save_operator.as_deref());
     Ok(())
 }
 
@@ -116,7 +132,7 @@ fn default_model_dir(unet: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
-fn print_report(r: &EditReport, dry_run: bool) {
+fn print_report(r: &EditReport, dry_run: bool, operator: Option<&Path>) {
     if r.unchanged {
         println!(
             "source and destination are the same prompt: nothing to edit, weights left unchanged"
@@ -154,12 +170,25 @@ fn print_report(r: &EditReport, dry_run: bool) {
         Some(w) => format!("; wrote {}", w.model.display()),
         None => String::new(),
     };
-    println!(
-        "{} {} of {} K/V weights, mean relative change {mean:.3e}, in {total:.2} s{history}{target}",
-        if dry_run { "would edit" } else { "edited" },
-        edited.len(),
-        r.layers.len(),
-    );
+    if let Some(op) = operator {
+        let d = r.operator.dim();
+        let change = (&r.operator.transposed() - &ndarray::Array2::<f64>::eye(d))
+            .mapv(|v| v * v)
+            .sum()
+            .sqrt();
+        println!(
+            "operator A ({d}×{d}, ‖A − I‖ = {change:.3e}) written to {}",
+            op.display()
+        );
+    }
+    if !r.layers.is_empty() {
+        println!(
+            "{} {} of {} K/V weights, mean relative change {mean:.3e}, in {total:.2} s{history}{target}",
+            if dry_run { "would edit" } else { "edited" },
+            edited.len(),
+            r.layers.len(),
+        );
+    }
     let split: Vec<String> = r
         .timings
         .iter()

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use time_onnx::edit::operator_file;
 use time_onnx::pipeline::png::{read_npy, write_npy, write_png};
 use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{Device, Runtime, SessionOptions};
@@ -29,6 +30,13 @@ pub struct GenerateArgs {
     /// A UNet to use instead of the folder's, e.g. one written by `time-onnx edit`.
     #[arg(long)]
     unet: Option<PathBuf>,
+    /// An edit operator from `time-onnx edit --save-operator` (repeatable, in the order the edits
+    /// were made), applied to the text embeddings: the same images as the edited UNet.
+    #[arg(long = "edit", value_name = "FILE.safetensors")]
+    edits: Vec<PathBuf>,
+    /// Apply edit operators computed with a different text encoder.
+    #[arg(long)]
+    force: bool,
     /// Output file; with several images, "-<n>" (and "-<prompt>" for --prompts) is added before the extension.
     #[arg(short, long, default_value = "out.png")]
     output: PathBuf,
@@ -94,6 +102,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         prompts,
         negative_prompt,
         unet,
+        edits: edit_files,
+        force,
         output,
         output_type,
         steps,
@@ -136,14 +146,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = SessionOptions { device, threads };
     let mut generator = Generator::open(&rt, &model, unet.as_deref(), opts)
         .with_context(|| format!("loading {}", model.display()))?;
-    let side = generator.default_size();
+    let operators = edit_files
+        .iter()
+        .map(|p| {
+            operator_file::load(p).with_context(|| format!("reading edit operator {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    generator.set_edit_operators(&operators, force)?;
+    let (default_h, default_w) = generator.default_size();
     let params = Params {
         steps,
         guidance,
         negative_prompt: negative_prompt.clone(),
         num_images,
-        height: height.unwrap_or(side),
-        width: width.unwrap_or(side),
+        height: height.unwrap_or(default_h),
+        width: width.unwrap_or(default_w),
         seed,
         latents,
         scheduler,
@@ -151,6 +168,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let kind = generator.scheduler_kind(&params)?;
     let edits = serde_json::to_string(&generator.edits).unwrap_or_default();
+    let operator_text =
+        serde_json::to_string(&operators.iter().map(|(_, m)| m).collect::<Vec<_>>())
+            .unwrap_or_default();
     for (pi, prompt) in prompts.iter().enumerate() {
         let started = Instant::now();
         let mut progress = progress_printer();
@@ -189,6 +209,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                         generator.unet_path.display().to_string(),
                     ),
                     ("time_onnx.edits".to_string(), edits.clone()),
+                    ("time_onnx.operators".to_string(), operator_text.clone()),
                     (
                         "Software".to_string(),
                         format!("time-onnx {}", env!("CARGO_PKG_VERSION")),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use time_onnx::edit::operator_file;
 use time_onnx::onnx::{Model, Summary};
 
 /// Arguments of `inspect`.
@@ -18,6 +19,9 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let InspectArgs { model, json } = args;
+    if model.extension().is_some_and(|e| e == "safetensors") {
+        return inspect_operator(&model, json);
+    }
     let m = Model::open(&model)?;
     let summary = Summary::of(&m)?;
     if json {
@@ -27,6 +31,33 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         );
     } else {
         print!("{summary}");
+    }
+    Ok(())
+}
+
+/// An edit operator file: its record and how far A is from the identity.
+fn inspect_operator(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let (op, meta) = operator_file::load(path)?;
+    let d = op.dim();
+    let change = (&op.transposed() - &ndarray::Array2::<f64>::eye(d))
+        .mapv(|v| v * v)
+        .sum()
+        .sqrt();
+    if json {
+        let v = serde_json::json!({ "path": path.display().to_string(), "operator": meta, "norm_a_minus_i": change });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).context("serialising")?
+        );
+    } else {
+        println!("{}", path.display());
+        println!("  edit operator A: {d}×{d} f32, ‖A − I‖ = {change:.3e}");
+        println!("  source      {:?}", meta.source);
+        println!("  destination {:?}", meta.destination);
+        println!("  lambda      {}", meta.lambda);
+        println!("  augmentations {:?}", meta.augmentations);
+        println!("  text encoder fingerprint {}", meta.text_encoder);
+        println!("  written by {}", meta.tool);
     }
     Ok(())
 }

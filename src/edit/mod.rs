@@ -16,6 +16,7 @@
 //! [`Operator::then`]).
 
 pub mod align;
+pub mod operator_file;
 pub mod solve;
 
 pub use align::{

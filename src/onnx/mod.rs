@@ -3,6 +3,7 @@
 
 pub mod cross_attention;
 mod dtype;
+pub mod fingerprint;
 mod model;
 pub mod patch;
 pub mod proto;

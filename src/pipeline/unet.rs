@@ -15,6 +15,7 @@ pub struct Unet {
     path: PathBuf,
     session: Session,
     sample: TensorElementType,
+    sample_dims: Vec<i64>,
     timestep: (TensorElementType, usize),
     hidden: (TensorElementType, Vec<i64>),
     output: String,
@@ -34,7 +35,7 @@ impl Unet {
             port(&session, name, true)
                 .ok_or_else(|| bad(format!("the UNet has no tensor input {name:?}")))
         };
-        let (sample, _) = need("sample")?;
+        let (sample, sample_dims) = need("sample")?;
         let (t_ty, t_shape) = need("timestep")?;
         let hidden = need("encoder_hidden_states")?;
         let output = session
@@ -49,10 +50,19 @@ impl Unet {
             path: path.to_path_buf(),
             session,
             sample,
+            sample_dims,
             timestep: (t_ty, t_shape.len()),
             hidden,
             output,
         })
+    }
+
+    /// The latent height and width, when the export fixes them (dynamo exports do).
+    pub fn latent_size(&self) -> Option<(usize, usize)> {
+        match self.sample_dims[..] {
+            [_, _, h, w] if h > 0 && w > 0 => Some((h as usize, w as usize)),
+            _ => None,
+        }
     }
 
     /// The text-embedding width the UNet expects, when the export fixes it.

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use ndarray::{Array3, Axis, s};
 use serde::{Deserialize, Serialize};
 
+use crate::edit::operator_file::{self, OperatorFileError, OperatorMeta};
 use crate::edit::{self, ArticleRule, EditError, Operator};
 use crate::onnx::cross_attention::{self, LocateError, Projection, Role};
+use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::patch::{self, TensorPatch, WriteError, Written};
 use crate::onnx::{Model, OnnxError};
 use crate::runtime::{LoadError, Runtime, SessionError};
@@ -23,8 +25,8 @@ pub const RECORD_KEY: &str = "time_onnx.edit.";
 /// What to edit and how.
 #[derive(Clone, Debug)]
 pub struct EditRequest {
-    /// The UNet model file.
-    pub unet: PathBuf,
+    /// The UNet model file; `None` computes the operator only.
+    pub unet: Option<PathBuf>,
     /// Where to write the edited UNet; `None` computes everything but writes nothing.
     pub output: Option<PathBuf>,
     /// The text encoder model file.
@@ -43,6 +45,8 @@ pub struct EditRequest {
     pub targets: Targets,
     /// Also write the edited weights, torch layout, keyed by module name.
     pub save_weights: Option<PathBuf>,
+    /// Also write the edit operator A (see [`crate::edit::operator_file`]).
+    pub save_operator: Option<PathBuf>,
 }
 
 /// The record appended to the model's metadata, one per edit.
@@ -127,7 +131,16 @@ pub enum EditJobError {
         /// The prompt.
         prompt: String,
     },
-    /// A metadata record of an earlier edit that does not parse.
+    /// Values-only edits change V but not K: no map of the embeddings does that.
+    #[error(
+        "--save-operator cannot represent a values-only edit: an operator changes the text embeddings, which \
+         reach keys and values alike; drop --values-only or write an edited UNet instead"
+    )]
+    ValuesOnlyOperator,
+    /// The operator file could not be written.
+    #[error(transparent)]
+    OperatorFile(#[from] OperatorFileError),
+    /// `--save-weights` could not be written.
     #[error("cannot write the weights file {path}: {why}")]
     SaveWeights {
         /// The file.
@@ -145,18 +158,115 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
         timings.push((name, clock.elapsed()));
         clock = Instant::now();
     };
-    // Validate cheap things first: λ, the UNet and its cross-attention.
+    // Validate cheap things first: λ, the operator request, the UNet and its cross-attention.
     if !(req.lambda.is_finite() && req.lambda > 0.0) {
         return Err(EditError::BadLambda { lambda: req.lambda }.into());
     }
-    let model = Model::open(&req.unet)?;
-    if let Some(out) = &req.output {
-        patch::check_output(&model, out)?;
+    if req.save_operator.is_some() && req.targets == Targets::ValuesOnly {
+        return Err(EditJobError::ValuesOnlyOperator);
     }
-    let projections = cross_attention::locate(&model)?;
-    let previous = previous_records(&model);
+    let unet = match &req.unet {
+        Some(path) => {
+            let model = Model::open(path)?;
+            if let Some(out) = &req.output {
+                patch::check_output(&model, out)?;
+            }
+            let projections = cross_attention::locate(&model)?;
+            Some((model, projections))
+        }
+        None => None,
+    };
+    let previous = unet
+        .as_ref()
+        .map(|(m, _)| previous_records(m))
+        .unwrap_or_default();
     lap("read UNet", &mut timings);
 
+    let (operator, unchanged) = compute_operator(req, &mut |name| lap(name, &mut timings))?;
+    let record = EditRecord {
+        source: req.source.clone(),
+        destination: req.destination.clone(),
+        lambda: req.lambda,
+        keys: req.targets == Targets::KeysAndValues,
+        augmentations: req.augmentations.clone(),
+        tool: format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
+    };
+    if let Some(path) = &req.save_operator {
+        let te = Model::open(&req.text_encoder)?;
+        let meta = OperatorMeta {
+            source: req.source.clone(),
+            destination: req.destination.clone(),
+            lambda: req.lambda,
+            augmentations: req.augmentations.clone(),
+            tool: record.tool.clone(),
+            width: operator.dim(),
+            text_encoder: weights_fingerprint(&te)?,
+        };
+        operator_file::save(path, &operator, &meta)?;
+        lap("save operator", &mut timings);
+    }
+
+    let mut layers = Vec::new();
+    let mut written = None;
+    if let Some((model, projections)) = &unet {
+        let mut patches = Vec::new();
+        let mut torch = BTreeMap::new();
+        let at32 = operator.transposed().mapv(|v| v as f32);
+        for p in projections {
+            let old = model.tensor_bytes(&p.tensor)?;
+            let edited = weights::apply(operator.transposed(), at32.view(), p, &old, req.targets)?;
+            layers.push(LayerReport {
+                initializer: p.initializer.clone(),
+                module: p.module.clone(),
+                role: p.role,
+                relative_change: if unchanged {
+                    0.0
+                } else {
+                    edited.relative_change
+                },
+            });
+            if req.save_weights.is_some() {
+                torch_entries(p, &weights::torch_layout(p, &edited.bytes)?, &mut torch);
+            }
+            if !unchanged {
+                patches.push(TensorPatch {
+                    tensor: p.tensor.clone(),
+                    data: edited.bytes,
+                });
+            }
+        }
+        lap("apply", &mut timings);
+        if let Some(out) = &req.output {
+            let meta = if unchanged {
+                Vec::new()
+            } else {
+                let value = serde_json::to_string(&record).unwrap_or_default();
+                vec![(format!("{RECORD_KEY}{}", previous.len() + 1), value)]
+            };
+            written = Some(patch::write_patched(model, &patches, &meta, out)?);
+            lap("write", &mut timings);
+        }
+        if let Some(path) = &req.save_weights {
+            save_weights(path, &torch, &record)?;
+        }
+    }
+    Ok(EditReport {
+        layers,
+        record,
+        previous,
+        written,
+        operator,
+        unchanged,
+        timings,
+    })
+}
+
+/// Tokenize, embed every prompt in one text-encoder run, align, solve.
+/// Returns the operator and whether source and destination are the same.
+fn compute_operator(
+    req: &EditRequest,
+    lap: &mut dyn FnMut(&'static str),
+) -> Result<(Operator, bool), EditJobError> {
     let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
     let pairs = edit::prompt_pairs(&req.source, &req.destination, &req.augmentations);
     let rule = ArticleRule::from_tokenizer(&tok)?;
@@ -171,97 +281,29 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
     for (_, d) in &pairs {
         ids.push(tok.encode_padded(d)?);
     }
-    lap("tokenize", &mut timings);
+    lap("tokenize");
 
     let rt = Runtime::load()?;
     let mut encoder = TextEncoder::open(&rt, &req.text_encoder)?;
     let emb: Array3<f32> = encoder.embed(&ids)?;
+    let n = pairs.len();
     for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
         if row.iter().any(|v| !v.is_finite()) {
-            let prompt = if k < pairs.len() {
-                &pairs[k].0
-            } else {
-                &pairs[k - pairs.len()].1
-            };
+            let prompt = if k < n { &pairs[k].0 } else { &pairs[k - n].1 };
             return Err(EditJobError::NonFiniteEmbedding {
                 prompt: prompt.clone(),
             });
         }
     }
-    lap("text encoder", &mut timings);
-
-    let n = pairs.len();
+    lap("text encoder");
     let operator = edit::solve(
         emb.slice(s![..n, .., ..]),
         emb.slice(s![n.., .., ..]),
         &maps,
         req.lambda,
     )?;
-    let unchanged = pairs.iter().all(|(s, d)| s == d);
-    let record = EditRecord {
-        source: req.source.clone(),
-        destination: req.destination.clone(),
-        lambda: req.lambda,
-        keys: req.targets == Targets::KeysAndValues,
-        augmentations: req.augmentations.clone(),
-        tool: format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
-    };
-
-    let mut layers = Vec::new();
-    let mut patches = Vec::new();
-    let mut torch = BTreeMap::new();
-    let at32 = operator.transposed().mapv(|v| v as f32);
-    for p in &projections {
-        let old = model.tensor_bytes(&p.tensor)?;
-        let edited = weights::apply(operator.transposed(), at32.view(), p, &old, req.targets)?;
-        layers.push(LayerReport {
-            initializer: p.initializer.clone(),
-            module: p.module.clone(),
-            role: p.role,
-            relative_change: if unchanged {
-                0.0
-            } else {
-                edited.relative_change
-            },
-        });
-        if req.save_weights.is_some() {
-            torch_entries(p, &weights::torch_layout(p, &edited.bytes)?, &mut torch);
-        }
-        if !unchanged {
-            patches.push(TensorPatch {
-                tensor: p.tensor.clone(),
-                data: edited.bytes,
-            });
-        }
-    }
-    lap("solve and apply", &mut timings);
-
-    let written = match &req.output {
-        Some(out) => {
-            let meta = if unchanged {
-                Vec::new()
-            } else {
-                let value = serde_json::to_string(&record).unwrap_or_default();
-                vec![(format!("{RECORD_KEY}{}", previous.len() + 1), value)]
-            };
-            let w = patch::write_patched(&model, &patches, &meta, out)?;
-            lap("write", &mut timings);
-            Some(w)
-        }
-        None => None,
-    };
-    if let Some(path) = &req.save_weights {
-        save_weights(path, &torch, &record)?;
-    }
-    Ok(EditReport {
-        layers,
-        record,
-        previous,
-        written,
-        operator,
-        unchanged,
-        timings,
-    })
+    lap("solve");
+    Ok((operator, pairs.iter().all(|(s, d)| s == d)))
 }
 
 /// Edits already recorded in a model, oldest first.

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4, ArrayD, Axis, IxDyn, concatenate};
 
+use crate::edit::Operator;
+use crate::edit::operator_file::OperatorMeta;
+use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::{Model, OnnxError};
 use crate::pipeline::model::{ModelDir, ModelDirError};
 use crate::pipeline::rng::Rng;
@@ -80,6 +83,9 @@ pub struct Generator {
     unet: Unet,
     vae: VaeDecoder,
     scheduler_config: SchedulerConfig,
+    /// Mᵀ `[d, d] f32` for the composed edit operators, applied to every
+    /// token's embedding before the UNet (row form: e' = e·Mᵀ).
+    embedding_edit: Option<ndarray::Array2<f32>>,
 }
 
 impl Generator {
@@ -100,10 +106,52 @@ impl Generator {
             unet: Unet::open(rt, &unet_path, opts)?,
             vae: VaeDecoder::open(rt, &model.vae_decoder, opts)?,
             scheduler_config,
+            embedding_edit: None,
             model,
             unet_path,
             edits,
         })
+    }
+
+    /// Applies edit operators to the text embeddings, in the order the edits
+    /// were made: [A₁, A₂] acts as the UNet edited by A₁ then by A₂
+    /// (W·A₁·A₂), i.e. embeddings c → A₁·(A₂·c).
+    ///
+    /// Each operator must come from this model's text encoder (same weights
+    /// fingerprint) unless `force`.
+    pub fn set_edit_operators(
+        &mut self,
+        ops: &[(Operator, OperatorMeta)],
+        force: bool,
+    ) -> Result<(), GenerateError> {
+        if ops.is_empty() {
+            self.embedding_edit = None;
+            return Ok(());
+        }
+        let fingerprint = weights_fingerprint(&Model::open(&self.model.text_encoder)?)?;
+        let d = ops[0].0.dim();
+        let mut acc = ndarray::Array2::<f64>::eye(d);
+        for (op, meta) in ops {
+            if op.dim() != d {
+                return Err(GenerateError::Mismatch(format!(
+                    "edit operators of different widths ({} and {d})",
+                    op.dim()
+                )));
+            }
+            if meta.text_encoder != fingerprint && !force {
+                return Err(GenerateError::Mismatch(format!(
+                    "the operator for {:?} → {:?} was computed with another text encoder (fingerprint {}…, this model's {}…); \
+                     use --force to apply it anyway",
+                    meta.source,
+                    meta.destination,
+                    &meta.text_encoder.get(..12).unwrap_or_default(),
+                    &fingerprint[..12]
+                )));
+            }
+            acc = op.transposed().dot(&acc);
+        }
+        self.embedding_edit = Some(acc.mapv(|v| v as f32));
+        Ok(())
     }
 
     /// Replaces the folder's `scheduler/scheduler_config.json`.
@@ -111,9 +159,16 @@ impl Generator {
         self.scheduler_config = config;
     }
 
-    /// The default image side: the UNet's sample size times the VAE factor.
-    pub fn default_size(&self) -> usize {
-        self.model.unet_sample_size.unwrap_or(64) * self.model.vae_factor
+    /// The default image size `(height, width)`: the UNet's sample size
+    /// (its config, else its fixed input dims, else SD's 64) times the VAE factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let f = self.model.vae_factor;
+        let (h, w) = match (self.model.unet_sample_size, self.unet.latent_size()) {
+            (Some(s), _) => (s, s),
+            (None, Some(hw)) => hw,
+            (None, None) => (64, 64),
+        };
+        (h * f, w * f)
     }
 
     /// The scheduler a run will use.
@@ -157,8 +212,20 @@ impl Generator {
             self.tokenizer.encode_padded(&p.negative_prompt)?,
             self.tokenizer.encode_padded(prompt)?,
         ];
-        let emb = self.text_encoder.embed(&ids)?;
+        let mut emb = self.text_encoder.embed(&ids)?;
         let d = emb.shape()[2];
+        if let Some(mt) = &self.embedding_edit {
+            if mt.nrows() != d {
+                return Err(GenerateError::Mismatch(format!(
+                    "the edit operator is {}-wide, the text encoder gives {d}",
+                    mt.nrows()
+                )));
+            }
+            for mut seq in emb.axis_iter_mut(Axis(0)) {
+                let edited = seq.dot(mt);
+                seq.assign(&edited);
+            }
+        }
         if let Some(w) = self.unet.text_width()
             && w != d
         {

@@ -1,0 +1,144 @@
+//! Edit operators as files: the d×d matrix A of one TIME edit (or of several
+//! composed), with what it was computed from.
+//!
+//! Applied to the text embeddings (c → A·c for every token, conditional and
+//! unconditional alike), an operator reproduces the edited UNet exactly,
+//! because `encoder_hidden_states` reaches the UNet only through the K/V
+//! projections that TIME rewrites as W·A. Layout: safetensors with one tensor
+//! `A` `[d, d] f32` (W' = W·A) and string metadata.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use super::Operator;
+
+/// The metadata key holding [`OperatorMeta`] as JSON.
+const META_KEY: &str = "time_onnx.operator";
+
+/// What an operator file records besides A.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OperatorMeta {
+    /// Source prompt.
+    pub source: String,
+    /// Destination prompt.
+    pub destination: String,
+    /// λ.
+    pub lambda: f64,
+    /// Augmentation prefixes used.
+    pub augmentations: Vec<String>,
+    /// "time-onnx <version>".
+    pub tool: String,
+    /// d, the text encoder's width.
+    pub width: usize,
+    /// [`crate::onnx::fingerprint::weights_fingerprint`] of the text encoder used.
+    pub text_encoder: String,
+}
+
+/// Why an operator file cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorFileError {
+    /// Filesystem trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not an operator file, or a damaged one.
+    #[error("{path} is not a time-onnx edit operator: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Writes `op` (holding Aᵀ) as `A [d, d] f32` with `meta`, atomically.
+pub fn save(path: &Path, op: &Operator, meta: &OperatorMeta) -> Result<(), OperatorFileError> {
+    let invalid = |why: String| OperatorFileError::Invalid {
+        path: path.to_path_buf(),
+        why,
+    };
+    let a = op.transposed().t().mapv(|v| v as f32);
+    let d = a.nrows();
+    let data: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![d, d], &data)
+        .map_err(|e| invalid(e.to_string()))?;
+    let json = serde_json::to_string(meta).map_err(|e| invalid(e.to_string()))?;
+    let bytes = safetensors::serialize(
+        [("A", view)],
+        Some(HashMap::from([(META_KEY.to_string(), json)])),
+    )
+    .map_err(|e| invalid(e.to_string()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let io = |source| OperatorFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::write(&tmp, &bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Reads an operator file: the operator (holding Aᵀ, f64) and its metadata.
+pub fn load(path: &Path) -> Result<(Operator, OperatorMeta), OperatorFileError> {
+    let invalid = |why: String| OperatorFileError::Invalid {
+        path: path.to_path_buf(),
+        why,
+    };
+    let bytes = std::fs::read(path).map_err(|source| OperatorFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| invalid(format!("no {META_KEY:?} metadata")))?;
+    let meta: OperatorMeta = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let t = st.tensor("A").map_err(|e| invalid(e.to_string()))?;
+    let d = meta.width;
+    if t.dtype() != safetensors::Dtype::F32 || t.shape() != [d, d] {
+        return Err(invalid(format!(
+            "A is {:?} {:?}, expected F32 [{d}, {d}]",
+            t.dtype(),
+            t.shape()
+        )));
+    }
+    let values: Vec<f64> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(invalid("A has non-finite entries".into()));
+    }
+    let a = Array2::from_shape_vec((d, d), values).map_err(|e| invalid(e.to_string()))?;
+    let op = Operator::from_transposed(a.reversed_axes().as_standard_layout().into_owned())
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok((op, meta))
+}
