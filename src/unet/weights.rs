@@ -189,25 +189,71 @@ pub fn apply(
         tensor: name.clone(),
         why: e.to_string(),
     };
-    let values = decode(bytes, p.tensor.dtype, name)?;
-    let (new, relative_change): (Vec<f64>, f64) = if p.tensor.dtype == DataType::Double {
+    if p.tensor.dtype == DataType::Double {
+        let values = decode(bytes, p.tensor.dtype, name)?;
         let stored = Array2::from_shape_vec((rows, cols), values).map_err(malformed)?;
         let new = edit_stored(at, stored.view(), p, targets);
-        let change = relative_change(stored.view(), new.view());
-        (new.into_iter().collect(), change)
-    } else {
-        let stored =
-            Array2::from_shape_vec((rows, cols), values.iter().map(|&v| v as f32).collect())
-                .map_err(malformed)?;
-        let new = edit_stored(at32, stored.view(), p, targets);
-        let change = relative_change(stored.view(), new.view());
-        (new.into_iter().map(f64::from).collect(), change)
-    };
-    let bytes = encode(&new, p.tensor.dtype, name)?;
+        let relative_change = relative_change(stored.view(), new.view());
+        let bytes = encode(
+            new.as_slice()
+                .unwrap_or(&new.iter().copied().collect::<Vec<_>>()),
+            p.tensor.dtype,
+            name,
+        )?;
+        return Ok(EditedWeight {
+            bytes,
+            relative_change,
+        });
+    }
+    let stored = Array2::from_shape_vec((rows, cols), decode_f32(bytes, p.tensor.dtype, name)?)
+        .map_err(malformed)?;
+    let new = edit_stored(at32, stored.view(), p, targets);
+    let relative_change = relative_change(stored.view(), new.view());
+    let new = new.as_standard_layout();
+    let bytes = encode_f32(new.as_slice().unwrap_or_default(), p.tensor.dtype, name)?;
     Ok(EditedWeight {
         bytes,
         relative_change,
     })
+}
+
+/// [`decode`] straight to f32, for f32/f16/bf16 storage (the hot path).
+fn decode_f32(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f32>, WeightError> {
+    Ok(match dtype {
+        DataType::Float => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DataType::Float16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DataType::BFloat16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => decode(bytes, dtype, tensor)?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect(),
+    })
+}
+
+/// [`encode`] from f32, refusing what the storage type cannot hold.
+fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, WeightError> {
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(WeightError::NonFinite {
+            tensor: tensor.to_string(),
+        });
+    }
+    match dtype {
+        DataType::Float => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        _ => encode(
+            &values.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            dtype,
+            tensor,
+        ),
+    }
 }
 
 /// Aᵀ·Wᵀ for `[d, out]` storage, W·A for `[out, d]`, on the selected part only.
