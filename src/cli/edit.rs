@@ -4,9 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use std::io::{IsTerminal, Write};
 use time_onnx::edit::DEFAULT_AUGMENTATIONS;
 use time_onnx::unet::weights::Targets;
-use time_onnx::workflow::edit::{self, EditReport, EditRequest};
+
+use time_onnx::onnx::summary::human_bytes;
+use time_onnx::workflow::edit::{self, EditReport, EditRequest, Progress};
 
 /// Arguments of `edit`.
 #[derive(Debug, Args)]
@@ -119,7 +122,28 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         || "the edit operator".to_string(),
         |u| u.display().to_string(),
     );
-    let report = edit::run(&req).with_context(|| format!("editing {what}"))?;
+    let tty = std::io::stderr().is_terminal();
+    let mut status = |p: Progress| {
+        if !tty {
+            return;
+        }
+        match p {
+            Progress::TextEncoder => eprint!("\rrunning the text encoder…\x1b[K"),
+            Progress::Copy(done, total) => {
+                eprint!(
+                    "\rcopying the UNet: {} of {}\x1b[K",
+                    human_bytes(done),
+                    human_bytes(total)
+                )
+            }
+        }
+        let _ = std::io::stderr().flush();
+    };
+    let result = edit::run_with_progress(&req, &mut status);
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let report = result.with_context(|| format!("editing {what}"))?;
     print_report(&report, dry_run, req.save_operator.as_deref());
     Ok(())
 }

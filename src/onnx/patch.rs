@@ -96,6 +96,18 @@ pub fn write_patched(
     metadata: &[(String, String)],
     output: &Path,
 ) -> Result<Written, WriteError> {
+    write_patched_with_progress(model, patches, metadata, output, &mut |_, _| {})
+}
+
+/// [`write_patched`], telling `progress(bytes copied, bytes to copy)` as the
+/// copy advances (a few hundred MB at a time).
+pub fn write_patched_with_progress(
+    model: &Model,
+    patches: &[TensorPatch],
+    metadata: &[(String, String)],
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Written, WriteError> {
     for p in patches {
         if p.data.len() as u64 != p.tensor.nbytes {
             return Err(WriteError::LengthMismatch {
@@ -155,12 +167,26 @@ pub fn write_patched(
         }
     }
 
+    let mut total = 0u64;
+    for old in locations.keys() {
+        total += std::fs::metadata(model.external_path(old)?)
+            .map(|m| m.len())
+            .unwrap_or(0);
+    }
+    if locations.is_empty() {
+        total += model.file_bytes().len() as u64;
+    }
+    let mut copied = Copied {
+        done: 0,
+        total,
+        progress,
+    };
     let mut staged = Staged::default();
     // External files: copy, then patch in place.
     for (old, new) in &locations {
         let src = model.external_path(old)?;
         let tmp = staged.create(&out_dir, new)?;
-        copy_into(&src, &tmp.file, &tmp.path)?;
+        copy_into(&src, &tmp.file, &tmp.path, &mut copied)?;
         for p in patches {
             if let Storage::External { location, offset } = &p.tensor.storage
                 && location == old
@@ -175,7 +201,7 @@ pub fn write_patched(
     let tmp = staged.create(&out_dir, &out_name)?;
     let tail = encode_metadata(metadata);
     if locations.is_empty() {
-        copy_into(model.path(), &tmp.file, &tmp.path)?;
+        copy_into(model.path(), &tmp.file, &tmp.path, &mut copied)?;
         for p in patches {
             if let Storage::Inline { offset } = p.tensor.storage {
                 tmp.file
@@ -288,15 +314,37 @@ fn io(path: &Path, source: std::io::Error) -> WriteError {
     }
 }
 
+/// Progress of the copies.
+struct Copied<'a> {
+    done: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
 /// Copies `src` into the (empty) `dst`; on Linux `io::copy` between files is
-/// done by the kernel (`copy_file_range`, a reflink where the filesystem can).
-fn copy_into(src: &Path, mut dst: &File, dst_path: &Path) -> Result<(), WriteError> {
+/// done by the kernel (`copy_file_range`, a reflink where the filesystem can),
+/// here in 256 MB steps so that progress can be shown.
+fn copy_into(
+    src: &Path,
+    mut dst: &File,
+    dst_path: &Path,
+    copied: &mut Copied,
+) -> Result<(), WriteError> {
+    use std::io::Read;
+    const STEP: u64 = 256 << 20;
     let mut input = File::open(src).map_err(|source| OnnxError::Io {
         path: src.to_path_buf(),
         source,
     })?;
-    std::io::copy(&mut input, &mut dst).map_err(|source| io(dst_path, source))?;
-    Ok(())
+    loop {
+        let n = std::io::copy(&mut (&mut input).take(STEP), &mut dst)
+            .map_err(|source| io(dst_path, source))?;
+        copied.done += n;
+        (copied.progress)(copied.done, copied.total);
+        if n < STEP {
+            return Ok(());
+        }
+    }
 }
 
 struct TempFile {

@@ -152,6 +152,23 @@ pub enum EditJobError {
 
 /// Runs an edit.
 pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
+    run_with_progress(req, &mut |_| {})
+}
+
+/// What [`run_with_progress`] reports as it goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Progress {
+    /// The text encoder is running (one batch for every prompt).
+    TextEncoder,
+    /// Copying the UNet's files: bytes done, bytes in all.
+    Copy(u64, u64),
+}
+
+/// [`run`], telling `progress` about the slow stages.
+pub fn run_with_progress(
+    req: &EditRequest,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<EditReport, EditJobError> {
     let mut timings = Vec::new();
     let mut clock = Instant::now();
     let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
@@ -182,7 +199,8 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
         .unwrap_or_default();
     lap("read UNet", &mut timings);
 
-    let (operator, unchanged) = compute_operator(req, &mut |name| lap(name, &mut timings))?;
+    let (operator, unchanged) =
+        compute_operator(req, &mut |name| lap(name, &mut timings), progress)?;
     let record = EditRecord {
         source: req.source.clone(),
         destination: req.destination.clone(),
@@ -243,7 +261,13 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
                 let value = serde_json::to_string(&record).unwrap_or_default();
                 vec![(format!("{RECORD_KEY}{}", previous.len() + 1), value)]
             };
-            written = Some(patch::write_patched(model, &patches, &meta, out)?);
+            written = Some(patch::write_patched_with_progress(
+                model,
+                &patches,
+                &meta,
+                out,
+                &mut |done, total| progress(Progress::Copy(done, total)),
+            )?);
             lap("write", &mut timings);
         }
         if let Some(path) = &req.save_weights {
@@ -266,6 +290,7 @@ pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
 fn compute_operator(
     req: &EditRequest,
     lap: &mut dyn FnMut(&'static str),
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<(Operator, bool), EditJobError> {
     let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
     let pairs = edit::prompt_pairs(&req.source, &req.destination, &req.augmentations);
@@ -283,6 +308,7 @@ fn compute_operator(
     }
     lap("tokenize");
 
+    progress(Progress::TextEncoder);
     let rt = Runtime::load()?;
     let mut encoder = TextEncoder::open(&rt, &req.text_encoder)?;
     let emb: Array3<f32> = encoder.embed(&ids)?;
