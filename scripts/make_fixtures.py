@@ -316,7 +316,7 @@ def dir_size(p: Path) -> int:
 def versions() -> dict:
     pk = ["torch", "diffusers", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
           "optimum", "optimum-onnx", "open_clip_torch", "onnxconverter-common", "numpy", "safetensors",
-          "huggingface-hub", "protobuf", "ftfy"]
+          "huggingface-hub", "protobuf", "ftfy", "pillow"]
     out = {"python": platform.python_version()}
     for p in pk:
         try:
@@ -1365,12 +1365,14 @@ def stage_demo(root: Path) -> None:
 def stage_versions(root: Path) -> None:
     v = versions()
     v["seeds"] = {"unet": SEED_UNET, "text_encoder": SEED_TEXT, "vae": SEED_VAE, "clip_tiny": SEED_CLIP,
-                  "generation_latents": GEN_SEED, "schedulers": SCHED_SEED}
+                  "generation_latents": GEN_SEED, "schedulers": SCHED_SEED, "safety_checker": SEED_SAFETY}
     v["configs"] = {"unet": {k: (list(x) if isinstance(x, tuple) else x) for k, x in UNET_CONFIG.items()},
                     "vae": {k: (list(x) if isinstance(x, tuple) else x) for k, x in VAE_CONFIG.items()},
-                    "text_encoder": TEXT_CONFIG, "scheduler": SD1_SCHEDULER}
+                    "text_encoder": TEXT_CONFIG, "scheduler": SD1_SCHEDULER,
+                    "safety_checker": {"vision_config": SAFETY_VISION, "text_config": SAFETY_TEXT,
+                                       "projection_dim": SAFETY_PROJECTION}}
     v["onnx_opsets"] = {"diffusers-onnx": OPSET_DIFFUSERS, "optimum": "exporter default (18)",
-                        "dynamo": "exporter default (20)"}
+                        "dynamo": "exporter default (20)", "with-safety/safety_checker": OPSET_DIFFUSERS}
     write_json(root / "tests" / "fixtures" / "versions.json", v)
 
 
@@ -1459,6 +1461,390 @@ def stage_clip(root: Path) -> None:
         "max_abs_diff_onnx_vs_torch": diff, "logit_scale": float(model.logit_scale.exp())})
     Log.say(f"clip-tiny: inputs {names}; logits_per_image {res['logits_per_image'].round(4).tolist()}; "
             f"onnx vs torch {diff:.2e}")
+
+
+# --------------------------------------------------------------------------------------
+# stage: a tiny random safety checker in the diffusers ONNX layout (sd-tiny/with-safety) + goldens
+# --------------------------------------------------------------------------------------
+SEED_SAFETY = 5678
+SAFETY_VISION = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=23, num_hidden_layers=1,
+                     num_attention_heads=2, num_channels=3)  # hidden_act: CLIP's default quick_gelu
+SAFETY_TEXT = dict(vocab_size=49408, hidden_size=8, intermediate_size=17, num_hidden_layers=1, num_attention_heads=2,
+                   max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1)  # unused
+SAFETY_PROJECTION = 8
+SAFETY_CLIP_SIZE = 32             # CLIPImageProcessor shortest_edge and crop (= vision image_size)
+SAFETY_FLAG_CONCEPT = 4           # concept_embeds row designed to fire on the two generation images
+SAFETY_SPECIAL_CONCEPT = 1        # special_care_embeds row designed to fire on the test pattern
+SAFETY_NEVER_MARGIN = 0.15        # other rows: threshold = max cosine over the golden images + this
+SAFETY_MIN_MARGIN = 0.05          # every score of every golden image is at least this far from 0
+SAFETY_IMAGES = [  # name, source (relative to goldens/) or None (made here), flagged by design
+    ("gen_pndm", "generations/diffusers-onnx.pndm.noneg.orig.npy", True),
+    ("gen_euler", "generations/diffusers-onnx.euler.noneg.orig.npy", True),
+    ("pattern", None, False),
+    ("small", None, False),
+]
+SAFETY_TIES = {"g": 2.5, "b_even": 127.5, "b_odd": 254.5}  # x*255 values of the pattern's exact .5 ties
+
+
+def safety_pattern(h: int, w: int) -> np.ndarray:
+    """Test pattern [1,h,w,3] float32: R = x/(w-1) ramp; G = 2.5/255 everywhere (x*255 is exactly 2.5 in
+    float32: numpy's round-half-to-even gives 2, round-half-away gives 3); B = 16-px checkerboard of
+    127.5/255 (-> 128) and 254.5/255 (-> 254)."""
+    y, x = np.mgrid[0:h, 0:w]
+    r = x.astype(np.float32) / np.float32(w - 1)
+    g = np.full((h, w), np.float32(SAFETY_TIES["g"] / 255), np.float32)
+    b = np.where(((y // 16) + (x // 16)) % 2 == 0, np.float32(SAFETY_TIES["b_even"] / 255),
+                 np.float32(SAFETY_TIES["b_odd"] / 255)).astype(np.float32)
+    for v in (g[0, 0], b[0, 0], b[0, 16]):
+        assert (v * np.float32(255)) % 1 == 0.5, v  # exact ties in float32
+    return np.stack([r, g, b], -1)[None].astype(np.float32)
+
+
+def safety_small(h: int, w: int) -> np.ndarray:
+    """A smooth non-square image [1,h,w,3] (upscaled by the processor, then centre-cropped)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.stack([y / (h - 1), 1 - x / (w - 1), 0.5 + 0.5 * np.sin(x / 5) * np.cos(y / 4)], -1)
+    return img[None].astype(np.float32)
+
+
+def _pil_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Pillow's fixed-point bicubic coefficients (libImaging/Resample.c, 8 bpc) as an int64 [n_out, n_in]."""
+    def cubic(x):  # a = -0.5
+        x = abs(x)
+        if x < 1.0:
+            return ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1
+        if x < 2.0:
+            return (((x - 5) * x + 8) * x - 4) * -0.5
+        return 0.0
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 2.0 * fscale
+    m = np.zeros((n_out, n_in), np.int64)
+    for xx in range(n_out):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in) - xmin
+        w = [cubic((x + xmin - center + 0.5) / fscale) for x in range(xmax)]
+        ww = 0.0
+        for v in w:
+            ww += v
+        for x, v in enumerate(w):
+            v = v / ww if ww != 0.0 else v
+            m[xx, xmin + x] = int(-0.5 + v * (1 << 22)) if v < 0 else int(0.5 + v * (1 << 22))
+    return m
+
+
+def pil_bicubic_resize_u8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Own re-implementation of PIL Image.resize((w, h), BICUBIC) for uint8 RGB [h,w,3]: horizontal pass
+    first (rounded and clamped to uint8), then vertical; acc = 2^21 + sum(px * k), out = clip(acc >> 22)."""
+    def rnd(acc):
+        return np.clip(acc >> 22, 0, 255).astype(np.uint8)
+    h, w, _ = img.shape
+    out = img
+    if out_w != w:
+        out = rnd((1 << 21) + np.einsum("ox,yxc->yoc", _pil_bicubic_matrix(w, out_w), out.astype(np.int64)))
+    if out_h != h:
+        out = rnd((1 << 21) + np.einsum("oy,yxc->oxc", _pil_bicubic_matrix(h, out_h), out.astype(np.int64)))
+    return out
+
+
+def own_clip_preprocess(img: np.ndarray, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Own re-implementation of `CLIPImageProcessor(numpy_to_pil(img))` for one [1,H,W,3] float image:
+    returns (resized+cropped uint8 [s,s,3], clip_input float32 [1,3,s,s])."""
+    u8 = (img[0] * 255).round().astype(np.uint8)  # numpy_to_pil: float32 multiply, round half to even
+    h, w = u8.shape[:2]
+    size = cfg["size"]["shortest_edge"]
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    oh, ow = (new_long, size) if w <= h else (size, new_long)
+    r = pil_bicubic_resize_u8(u8, oh, ow)
+    ch, cw = cfg["crop_size"]["height"], cfg["crop_size"]["width"]
+    top, left = (oh - ch) // 2, (ow - cw) // 2
+    c = r[top:top + ch, left:left + cw]
+    x = (c.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+    x = (x - np.array(cfg["image_mean"], np.float32)) / np.array(cfg["image_std"], np.float32)
+    return c, x.transpose(2, 0, 1)[None]
+
+
+def _safety_scores(checker64, clip: np.ndarray) -> dict:
+    """forward_onnx's arithmetic in float64 (scores before `> 0`)."""
+    import torch
+
+    with torch.no_grad():
+        emb = checker64.visual_projection(checker64.vision_model(torch.from_numpy(clip).double())[1]).numpy()
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+    cos_s = unit(emb) @ unit(checker64.special_care_embeds.numpy()).T
+    cos_c = unit(emb) @ unit(checker64.concept_embeds.numpy()).T
+    special = cos_s - checker64.special_care_embeds_weights.numpy()
+    adj = np.any(special > 0, axis=1) * 0.01
+    concept = cos_c - checker64.concept_embeds_weights.numpy() + adj[:, None]
+    return {"image_embeds": emb, "cos_special": cos_s, "cos_concept": cos_c, "special_scores": special,
+            "special_care": np.any(special > 0, axis=1), "concept_scores": concept,
+            "has_nsfw_concepts": np.any(concept > 0, axis=1)}
+
+
+def stage_safety(root: Path) -> None:
+    import diffusers
+    import PIL
+    import torch
+    from diffusers import OnnxRuntimeModel, OnnxStableDiffusionPipeline, PNDMScheduler
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTokenizer
+
+    fx = root / "tests" / "fixtures"
+    base = fx / "sd-tiny" / "diffusers-onnx"
+    out = fx / "sd-tiny" / "with-safety"
+    gold = fx / "goldens" / "safety"
+    stage = fx / "sd-tiny" / "with-safety.staging"
+    for d in (out, gold, stage):
+        if d.exists():
+            shutil.rmtree(d)
+    # ---- the golden images
+    images = []
+    for name, src, _ in SAFETY_IMAGES:
+        if src:
+            img = np.load(fx / "goldens" / src)
+        elif name == "pattern":
+            img = safety_pattern(IMAGE, IMAGE)
+        else:
+            img = safety_small(24, 40)
+        assert img.dtype == np.float32 and img.ndim == 4 and img.shape[0] == 1 and img.shape[3] == 3
+        assert 0 <= img.min() and img.max() <= 1
+        images.append(img)
+    target = np.array([f for _, _, f in SAFETY_IMAGES])
+    # ---- the model: seeded random weights (transformers' own init), then designed concepts/thresholds
+    seed_all(SEED_SAFETY)
+    cfg = CLIPConfig(text_config=SAFETY_TEXT, vision_config=SAFETY_VISION, projection_dim=SAFETY_PROJECTION)
+    checker = StableDiffusionSafetyChecker(cfg).eval()
+    fe = CLIPImageProcessor(size={"shortest_edge": SAFETY_CLIP_SIZE},
+                            crop_size={"height": SAFETY_CLIP_SIZE, "width": SAFETY_CLIP_SIZE})
+    clip = np.concatenate([fe(OnnxStableDiffusionPipeline.numpy_to_pil(im), return_tensors="np")
+                           .pixel_values.astype(im.dtype) for im in images])
+    g = torch.Generator().manual_seed(SEED_SAFETY + 1)
+    concept = torch.randn(17, SAFETY_PROJECTION, generator=g, dtype=torch.float64).numpy()
+    special = torch.randn(3, SAFETY_PROJECTION, generator=g, dtype=torch.float64).numpy()
+    with torch.no_grad():
+        c64 = copy.deepcopy(checker).double()
+        emb = c64.visual_projection(c64.vision_model(torch.from_numpy(clip).double())[1]).numpy()
+    en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d = en[target].mean(0) - en[~target].mean(0)
+    concept[SAFETY_FLAG_CONCEPT] = d / np.linalg.norm(d)
+    pat = [i for i, (n, _, _) in enumerate(SAFETY_IMAGES) if n == "pattern"][0]
+    others = [i for i in range(len(images)) if i != pat]
+    d = en[pat] - en[others].mean(0)
+    special[SAFETY_SPECIAL_CONCEPT] = d / np.linalg.norm(d)
+    cos_c = en @ (concept / np.linalg.norm(concept, axis=1, keepdims=True)).T
+    cos_s = en @ (special / np.linalg.norm(special, axis=1, keepdims=True)).T
+    w_c = np.round(cos_c.max(0) + SAFETY_NEVER_MARGIN, 3)
+    w_c[SAFETY_FLAG_CONCEPT] = round((cos_c[target, SAFETY_FLAG_CONCEPT].min()
+                                      + cos_c[~target, SAFETY_FLAG_CONCEPT].max()) / 2, 3)
+    w_s = np.round(cos_s.max(0) + SAFETY_NEVER_MARGIN, 3)
+    w_s[SAFETY_SPECIAL_CONCEPT] = round((cos_s[pat, SAFETY_SPECIAL_CONCEPT]
+                                         + cos_s[others, SAFETY_SPECIAL_CONCEPT].max()) / 2, 3)
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.from_numpy(concept))
+        checker.special_care_embeds.copy_(torch.from_numpy(special))
+        checker.concept_embeds_weights.copy_(torch.from_numpy(w_c))
+        checker.special_care_embeds_weights.copy_(torch.from_numpy(w_s))
+    c64 = copy.deepcopy(checker).double()
+    sc = _safety_scores(c64, clip)
+    assert sc["has_nsfw_concepts"].tolist() == target.tolist(), sc["has_nsfw_concepts"]
+    assert sc["special_care"].tolist() == [i == pat for i in range(len(images))], sc["special_care"]
+    margin = float(min(np.abs(sc["special_scores"]).min(), np.abs(sc["concept_scores"]).min()))
+    assert margin >= SAFETY_MIN_MARGIN, margin
+    # ---- export exactly like convert_stable_diffusion_checkpoint_to_onnx.py (TorchScript exporter, opset 14)
+    torch_ref = {}
+    with torch.no_grad():  # the torch reference: forward_onnx and the original forward, float32
+        for i, (im, ci) in enumerate(zip(images, clip)):
+            o, f = checker.forward_onnx(torch.from_numpy(ci[None].copy()), torch.from_numpy(im.copy()))
+            _, f2 = checker(clip_input=torch.from_numpy(ci[None].copy()), images=im.copy())
+            torch_ref[i] = (o.numpy(), bool(f[0]), bool(f2[0]))
+    checker.forward = checker.forward_onnx
+    g = torch.Generator().manual_seed(0)
+    _torchscript_export(
+        checker,
+        (torch.randn(1, SAFETY_VISION["num_channels"], SAFETY_VISION["image_size"], SAFETY_VISION["image_size"],
+                     generator=g), torch.randn(1, VAE_CONFIG["sample_size"], VAE_CONFIG["sample_size"],
+                                               VAE_CONFIG["out_channels"], generator=g)),
+        stage / "safety_checker" / "model.onnx", ["clip_input", "images"], ["out_images", "has_nsfw_concepts"],
+        {"clip_input": {0: "batch", 1: "channels", 2: "height", 3: "width"},
+         "images": {0: "batch", 1: "height", 2: "width", 3: "channels"}})
+
+    def load(p):
+        return OnnxRuntimeModel.from_pretrained(str(p), provider="CPUExecutionProvider", provider_options={})
+    with quiet_fd():
+        tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    pipe = OnnxStableDiffusionPipeline(
+        vae_encoder=load(base / "vae_encoder"), vae_decoder=load(base / "vae_decoder"),
+        text_encoder=load(base / "text_encoder"), tokenizer=tok, unet=load(base / "unet"),
+        scheduler=PNDMScheduler.from_pretrained(str(base / "scheduler")), safety_checker=load(stage / "safety_checker"),
+        feature_extractor=fe, requires_safety_checker=True)
+    pipe.save_pretrained(str(stage / "saved"))
+    del pipe
+    saved = stage / "saved"
+    mi = json.loads((saved / "model_index.json").read_text())
+    mi_base = json.loads((base / "model_index.json").read_text())
+    assert mi["safety_checker"] == ["diffusers", "OnnxRuntimeModel"], mi
+    assert mi["feature_extractor"] == ["transformers", "CLIPImageProcessor"], mi
+    assert mi["requires_safety_checker"] is True
+    assert {k: v for k, v in mi.items() if k not in ("safety_checker", "feature_extractor", "requires_safety_checker")} \
+        == {k: v for k, v in mi_base.items() if k not in ("safety_checker", "feature_extractor",
+                                                           "requires_safety_checker")}
+    assert json.loads((saved / "scheduler" / "scheduler_config.json").read_text()) == \
+        json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    out.mkdir(parents=True)
+    shutil.copyfile(saved / "model_index.json", out / "model_index.json")
+    for sub in ("safety_checker", "feature_extractor"):
+        shutil.copytree(saved / sub, out / sub)
+    for sub in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "tokenizer", "scheduler"):
+        symlink(out / sub, f"../diffusers-onnx/{sub}")
+    shutil.rmtree(stage)
+    assert sorted(p.name for p in (out / "safety_checker").iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in (out / "feature_extractor").iterdir()) == ["preprocessor_config.json"]
+    pp = json.loads((out / "feature_extractor" / "preprocessor_config.json").read_text())
+    # ---- the reference path, exactly as OnnxStableDiffusionPipeline.__call__ runs it (per image, batch 1)
+    with quiet_fd():
+        pipe = OnnxStableDiffusionPipeline.from_pretrained(str(out), provider="CPUExecutionProvider",
+                                                           provider_options={})
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.feature_extractor, CLIPImageProcessor) and pipe.safety_checker is not None
+    sess = ort_session(out / "safety_checker" / "model.onnx")
+    t = {}
+    recs, flags, clips, u8s = [], [], [], []
+    for i, ((name, src, _), img) in enumerate(zip(SAFETY_IMAGES, images)):
+        ci = pipe.feature_extractor(pipe.numpy_to_pil(img), return_tensors="np").pixel_values.astype(img.dtype)
+        oi, fi = pipe.safety_checker(clip_input=ci, images=img)
+        assert ci.shape == (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE) and ci.dtype == np.float32
+        assert oi.dtype == np.float32 and oi.shape == img.shape and fi.dtype == np.bool_ and fi.shape == (1,)
+        np.testing.assert_array_equal(ci, clip[i:i + 1])
+        o2, f2 = sess.run(None, {"clip_input": ci, "images": img})  # own session, 1 thread: identical
+        np.testing.assert_array_equal(o2, oi)
+        np.testing.assert_array_equal(f2, fi)
+        flag = bool(fi[0])
+        flags.append(flag)
+        assert flag == bool(target[i]) == torch_ref[i][1] == torch_ref[i][2], (name, flag, torch_ref[i][1:])
+        np.testing.assert_array_equal(oi, torch_ref[i][0])
+        np.testing.assert_array_equal(oi, np.zeros_like(img) if flag else img)
+        # intermediate: the uint8 image after resize + centre crop (before rescale/normalize)
+        u8 = pipe.feature_extractor(pipe.numpy_to_pil(img), do_rescale=False, do_normalize=False,
+                                    return_tensors="np").pixel_values
+        assert u8.dtype == np.uint8, u8.dtype
+        u8 = u8[0].transpose(1, 2, 0)
+        own_u8, own_ci = own_clip_preprocess(img, pp)
+        np.testing.assert_array_equal(own_u8, u8)
+        np.testing.assert_array_equal(own_ci, ci)
+        h, w = img.shape[1:3]
+        short, long = min(h, w), max(h, w)
+        nl = int(SAFETY_CLIP_SIZE * long / short)
+        rh, rw = (nl, SAFETY_CLIP_SIZE) if w <= h else (SAFETY_CLIP_SIZE, nl)
+        t[f"out_images.{i}"] = oi
+        if src is None:
+            t[f"image.{i}"] = img
+        clips.append(ci)
+        u8s.append(u8)
+        recs.append({
+            "index": i, "name": name, "image": f"../{src}" if src else f"safety.safetensors:image.{i}",
+            "shape": list(img.shape), "resized_hw": [rh, rw],
+            "crop_top_left": [(rh - SAFETY_CLIP_SIZE) // 2, (rw - SAFETY_CLIP_SIZE) // 2],
+            "resize_direction": "down" if short > SAFETY_CLIP_SIZE else ("up" if short < SAFETY_CLIP_SIZE else "none"),
+            "has_nsfw_concept": flag, "special_care": bool(sc["special_care"][i]),
+            "max_concept_score": float(sc["concept_scores"][i].max()),
+            "max_special_score": float(sc["special_scores"][i].max()),
+            "out_images": f"out_images.{i}", "blacked_out": flag,
+        })
+    t["clip_input"] = np.concatenate(clips)
+    t["resized_uint8"] = np.stack(u8s)
+    t["has_nsfw_concepts"] = np.array(flags, dtype=np.bool_)
+    for k in ("image_embeds", "special_scores", "concept_scores"):
+        t[k] = sc[k]
+    assert any(flags) and not all(flags)
+    # the exported graph masks with Where(has_nsfw_concepts[b], 0, images[b,h,w,c]): numpy broadcasting lines
+    # the flags up with the *channel* axis, so only batch 1 is right (the pipeline runs one image at a time)
+    same = [i for i, im in enumerate(images) if im.shape == images[0].shape]
+    ob, fb = sess.run(None, {"clip_input": t["clip_input"][same], "images": np.concatenate([images[i] for i in same])})
+    batch = {"images": same, "has_nsfw_concepts": fb.tolist(),
+             "has_nsfw_concepts_match_batch1": fb.tolist() == [flags[i] for i in same],
+             "out_images_match_batch1": bool(all(np.array_equal(ob[j:j + 1], t[f"out_images.{i}"])
+                                                 for j, i in enumerate(same))),
+             "zeroed_channels": [c for c in range(3) if np.all(ob[..., c] == 0)]}
+    assert batch["has_nsfw_concepts_match_batch1"]
+    try:
+        with quiet_fd():  # onnxruntime logs the failure natively
+            sess.run(None, {"clip_input": t["clip_input"][:2], "images": np.concatenate(images[:2])})
+        batch["batch2"] = "ran"
+    except Exception as e:  # noqa: BLE001
+        batch["batch2"] = f"fails: {str(e).splitlines()[0][:200]}"
+    # end to end: diffusers' own pipeline on this folder (PNDM, the generation golden's latents)
+    pipe.scheduler = PNDMScheduler.from_config({**SD1_SCHEDULER})
+    lat = np.load(fx / "goldens" / "generations" / "latents.npy")
+    res = pipe(GEN_PROMPT, height=IMAGE, width=IMAGE, num_inference_steps=GEN_STEPS, guidance_scale=GEN_GUIDANCE,
+               latents=lat.copy(), output_type="np")
+    e2e = {"images": "generations/diffusers-onnx.pndm.noneg.orig.npy (= image 0 before the checker)",
+           "nsfw_content_detected": [bool(x) for x in res.nsfw_content_detected],
+           "max_abs_diff_vs_out_images.0": float(np.abs(res.images - t["out_images.0"]).max())}
+    assert e2e["nsfw_content_detected"] == [flags[0]] and e2e["max_abs_diff_vs_out_images.0"] < 1e-5, e2e
+    save_st(gold / "safety.safetensors", t)
+    # ---- facts about the ONNX model
+    import onnx
+
+    m = onnx.load(str(out / "safety_checker" / "model.onnx"))
+
+    def io(v):
+        return {"name": v.name, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                "shape": [x.dim_param or x.dim_value for x in v.type.tensor_type.shape.dim]}
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    write_json(gold / "index.json", {
+        "model": "sd-tiny/with-safety/safety_checker/model.onnx",
+        "onnx": {"inputs": [io(v) for v in m.graph.input], "outputs": [io(v) for v in m.graph.output],
+                 "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
+                 "num_nodes": len(m.graph.node), "last_node": m.graph.node[-1].op_type,
+                 "named_initializers": {k: v for k, v in inits.items() if not k.startswith("onnx::")}},
+        "export": "StableDiffusionSafetyChecker with forward = forward_onnx, torch.onnx.export(dynamo=False, "
+                  "opset_version=14, do_constant_folding=True), example inputs clip_input randn[1,3,32,32], "
+                  "images randn[1,128,128,3] (vision image_size; VAE sample_size/out_channels), dynamic_axes "
+                  "clip_input {0:batch,1:channels,2:height,3:width}, images {0:batch,1:height,2:width,3:channels}",
+        "config": {"vision_config": SAFETY_VISION, "text_config_unused": SAFETY_TEXT,
+                   "projection_dim": SAFETY_PROJECTION, "seed": SEED_SAFETY,
+                   "parameters": int(sum(p.numel() for p in checker.parameters()))},
+        "design": {
+            "concept_embeds": f"torch.randn(17, 8, float64, generator seed {SEED_SAFETY + 1}); row "
+                              f"{SAFETY_FLAG_CONCEPT} replaced by unit(mean(unit emb of flagged) - mean(unit emb "
+                              "of the others)), emb = visual_projection(vision_model(clip_input).pooler_output)",
+            "special_care_embeds": f"torch.randn(3, 8, float64) from the same generator; row "
+                                   f"{SAFETY_SPECIAL_CONCEPT} replaced by unit(emb(pattern) - mean(emb(others)))",
+            "thresholds": f"designed rows: midpoint between the two groups' cosines, rounded to 3 decimals; other "
+                          f"rows: max cosine over the {len(images)} images + {SAFETY_NEVER_MARGIN}, rounded",
+            "flag_concept": SAFETY_FLAG_CONCEPT, "special_concept": SAFETY_SPECIAL_CONCEPT,
+            "concept_embeds_weights": w_c.tolist(), "special_care_embeds_weights": w_s.tolist(),
+            "min_abs_score": margin,
+        },
+        "reference_steps": [
+            "u8 = (image * 255).round().astype('uint8')  # diffusers numpy_to_pil; float32 multiply, round half to even",
+            "PIL.Image.fromarray(u8[0]) (mode RGB)",
+            "CLIPImageProcessor (transformers 4.57.6, slow): convert_rgb; np.array; resize shortest edge to "
+            "size.shortest_edge, long edge int(size * long / short) (truncated) with PIL Image.resize((w, h), "
+            "resample=3 BICUBIC) on uint8 (Pillow two-pass fixed-point, horizontal first); center crop "
+            "top = (h - crop_h) // 2, left = (w - crop_w) // 2; rescale (u8.astype(float64) * (1/255)).astype(float32); "
+            "normalize (x - mean) / std in float32; HWC -> CHW; stack",
+            ".pixel_values.astype(image.dtype)  # float32 [1,3,32,32]",
+            "safety_checker(clip_input=clip_input[i:i+1], images=image[i:i+1]) per image (batch 1) -> "
+            "out_images float32 [1,H,W,3], has_nsfw_concepts bool [1]",
+        ],
+        "preprocessor_config": pp,
+        "pillow": PIL.__version__, "diffusers": diffusers.__version__,
+        "images": recs,
+        "own_reimplementation": "own_clip_preprocess()/pil_bicubic_resize_u8() in scripts/make_fixtures.py "
+                                "reproduce resized_uint8 and clip_input bit-exactly for every image",
+        "torch_reference": "StableDiffusionSafetyChecker.forward_onnx and .forward (float32) give the same flags "
+                           "and images",
+        "batched": batch,
+        "pipeline_end_to_end": e2e,
+        "files": {"safety.safetensors": sorted(t)},
+    })
+    Log.say(f"safety checker: flags {flags} (designed {target.tolist()}); min |score| {margin:.3f}; "
+            f"batch of {len(same)}: {batch}; end to end {e2e}")
 
 
 # --------------------------------------------------------------------------------------
@@ -1626,7 +2012,7 @@ def load_tok(root: Path):
 # main
 # --------------------------------------------------------------------------------------
 STAGES = ["tokenizer", "torch", "export", "facts", "text_encoder", "unet_io", "time", "schedulers", "generations",
-          "clip", "demo", "versions"]
+          "clip", "safety", "demo", "versions"]
 
 
 def build(root: Path, stages: list[str]) -> None:

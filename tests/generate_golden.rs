@@ -199,3 +199,41 @@ fn png_text_round_trips() {
     assert_eq!(decoded.dimensions(), (6, 4));
     assert_eq!(decoded.get_pixel(1, 0).0, [64, 128, 191]);
 }
+
+/// With a safety checker in the folder, the flagged image comes back black
+/// (diffusers' pipeline reports nsfw_content_detected [True] for this run);
+/// `--no-safety-checker` gives the unchecked image.
+#[test]
+fn safety_checker_runs_when_the_folder_has_one() {
+    let rt = Runtime::load().unwrap();
+    let latents = npy(&PathBuf::from(format!(
+        "{FIXTURES}/goldens/generations/latents.npy"
+    )));
+    let golden = npy(&PathBuf::from(format!(
+        "{FIXTURES}/goldens/generations/diffusers-onnx.pndm.noneg.orig.npy"
+    )));
+    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/with-safety"));
+    let run = serde_json::json!({ "negative_prompt": null });
+    for skip in [false, true] {
+        let mut g = Generator::open_with_safety(&rt, &dir, None, cpu(), skip).unwrap();
+        g.set_scheduler_config(base_config());
+        assert_eq!(g.has_safety_checker(), !skip);
+        let (image, flags) = g
+            .generate_checked(
+                "A pack of roses",
+                &params(&run, &latents, SchedulerKind::Pndm),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        if skip {
+            assert_eq!(flags, vec![false]);
+            assert!(max_abs_diff(&image.into_dyn(), &golden) <= 1e-4);
+        } else {
+            assert_eq!(flags, vec![true]);
+            assert!(
+                image.iter().all(|&v| v == 0.0),
+                "the flagged image was not blacked out"
+            );
+        }
+    }
+}

@@ -73,6 +73,9 @@ pub struct GenerateArgs {
     /// Where to run: CUDA when it starts (auto), or insist on one.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Do not run the model folder's safety checker (when it has one).
+    #[arg(long)]
+    no_safety_checker: bool,
     /// Intra-op threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -116,6 +119,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         scheduler,
         eta,
         device,
+        no_safety_checker,
         threads,
     } = args;
     let prompts: Vec<String> = match (prompt, prompts) {
@@ -144,8 +148,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let rt = Runtime::load()?;
     let device = resolve_device(&rt, device)?;
     let opts = SessionOptions { device, threads };
-    let mut generator = Generator::open(&rt, &model, unet.as_deref(), opts)
-        .with_context(|| format!("loading {}", model.display()))?;
+    let mut generator =
+        Generator::open_with_safety(&rt, &model, unet.as_deref(), opts, no_safety_checker)
+            .with_context(|| format!("loading {}", model.display()))?;
     let operators = edit_files
         .iter()
         .map(|p| {
@@ -174,7 +179,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     for (pi, prompt) in prompts.iter().enumerate() {
         let started = Instant::now();
         let mut progress = progress_printer();
-        let images = generator.generate(prompt, &params, &mut progress)?;
+        let (images, flagged) = generator.generate_checked(prompt, &params, &mut progress)?;
+        for (i, f) in flagged.iter().enumerate() {
+            if *f {
+                eprintln!(
+                    "warning: the safety checker flagged image {i} of {prompt:?}; it was replaced by a black image"
+                );
+            }
+        }
         let n = images.shape()[0];
         let tag = (prompts.len() > 1).then_some(pi);
         if output_type == OutputType::Npy {
@@ -199,6 +211,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     ("steps".to_string(), steps.to_string()),
                     ("scheduler".to_string(), kind.to_string()),
                     ("guidance".to_string(), guidance.to_string()),
+                    (
+                        "safety_checker".to_string(),
+                        safety_text(generator.has_safety_checker(), flagged[i]),
+                    ),
                     (
                         "size".to_string(),
                         format!("{}x{}", params.width, params.height),
@@ -283,5 +299,13 @@ fn progress_printer() -> impl FnMut(usize, usize) {
             eprintln!();
         }
         let _ = std::io::stderr().flush();
+    }
+}
+
+fn safety_text(ran: bool, flagged: bool) -> String {
+    match (ran, flagged) {
+        (false, _) => "not run".into(),
+        (true, false) => "passed".into(),
+        (true, true) => "flagged (image blacked out)".into(),
     }
 }

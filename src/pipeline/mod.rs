@@ -1,8 +1,10 @@
 //! Generation: prompt embeddings → latents denoised by a scheduler loop →
 //! VAE decoder → image.
 
+pub mod clip_image;
 pub mod model;
 pub mod png;
+pub mod safety;
 pub mod unet;
 pub mod vae;
 

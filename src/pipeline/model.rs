@@ -43,8 +43,9 @@ pub struct ModelDir {
     pub tokenizer: PathBuf,
     /// `scheduler/scheduler_config.json`.
     pub scheduler_config: PathBuf,
-    /// `safety_checker/model.onnx`, when the folder has one.
-    pub safety_checker: Option<PathBuf>,
+    /// `safety_checker/model.onnx` and `feature_extractor/preprocessor_config.json`,
+    /// when the folder has both.
+    pub safety_checker: Option<(PathBuf, PathBuf)>,
     /// Latents are multiplied by this before decoding is undone (`vae.config.scaling_factor`).
     pub vae_scaling_factor: f32,
     /// Pixels per latent (2^(number of VAE blocks − 1)).
@@ -87,7 +88,18 @@ impl ModelDir {
         let vae_decoder = need("the VAE decoder", "vae_decoder/model.onnx")?;
         let tokenizer = need("the tokenizer", "tokenizer")?;
         let scheduler_config = need("the scheduler config", "scheduler/scheduler_config.json")?;
-        let safety_checker = Some(root.join("safety_checker/model.onnx")).filter(|p| p.exists());
+        let checker = root.join("safety_checker/model.onnx");
+        let safety_checker = if checker.exists() {
+            Some((
+                checker,
+                need(
+                    "the safety checker's feature extractor",
+                    "feature_extractor/preprocessor_config.json",
+                )?,
+            ))
+        } else {
+            None
+        };
 
         // optimum keeps the VAE config beside the decoder; diffusers' script keeps none.
         let vae: Option<VaeConfig> = ["vae_decoder/config.json", "vae/config.json"]

@@ -11,6 +11,7 @@ use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::{Model, OnnxError};
 use crate::pipeline::model::{ModelDir, ModelDirError};
 use crate::pipeline::rng::Rng;
+use crate::pipeline::safety::SafetyChecker;
 use crate::pipeline::schedulers::{self, SchedulerConfig, SchedulerError, SchedulerKind};
 use crate::pipeline::unet::Unet;
 use crate::pipeline::vae::VaeDecoder;
@@ -82,6 +83,7 @@ pub struct Generator {
     text_encoder: TextEncoder,
     unet: Unet,
     vae: VaeDecoder,
+    safety: Option<SafetyChecker>,
     scheduler_config: SchedulerConfig,
     /// Mᵀ `[d, d] f32` for the composed edit operators, applied to every
     /// token's embedding before the UNet (row form: e' = e·Mᵀ).
@@ -90,11 +92,23 @@ pub struct Generator {
 
 impl Generator {
     /// Opens every session of `model`, with `unet` replacing the folder's UNet.
+    /// The folder's safety checker runs on every image unless `skip_safety`.
     pub fn open(
         rt: &Runtime,
         model: &Path,
         unet: Option<&Path>,
         opts: SessionOptions,
+    ) -> Result<Self, GenerateError> {
+        Self::open_with_safety(rt, model, unet, opts, false)
+    }
+
+    /// [`Self::open`], choosing whether the safety checker runs.
+    pub fn open_with_safety(
+        rt: &Runtime,
+        model: &Path,
+        unet: Option<&Path>,
+        opts: SessionOptions,
+        skip_safety: bool,
     ) -> Result<Self, GenerateError> {
         let model = ModelDir::open(model)?;
         let unet_path = unet.map_or_else(|| model.unet.clone(), Path::to_path_buf);
@@ -105,6 +119,12 @@ impl Generator {
             text_encoder: TextEncoder::open_with(rt, &model.text_encoder, opts)?,
             unet: Unet::open(rt, &unet_path, opts)?,
             vae: VaeDecoder::open(rt, &model.vae_decoder, opts)?,
+            safety: match (&model.safety_checker, skip_safety) {
+                (Some((checker, config)), false) => {
+                    Some(SafetyChecker::open(rt, checker, config, opts)?)
+                }
+                _ => None,
+            },
             scheduler_config,
             embedding_edit: None,
             model,
@@ -154,6 +174,11 @@ impl Generator {
         Ok(())
     }
 
+    /// Whether a safety checker runs on the images.
+    pub fn has_safety_checker(&self) -> bool {
+        self.safety.is_some()
+    }
+
     /// Replaces the folder's `scheduler/scheduler_config.json`.
     pub fn set_scheduler_config(&mut self, config: SchedulerConfig) {
         self.scheduler_config = config;
@@ -188,6 +213,18 @@ impl Generator {
         p: &Params,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Array4<f32>, GenerateError> {
+        Ok(self.generate_checked(prompt, p, progress)?.0)
+    }
+
+    /// [`Self::generate`], also returning the safety checker's flag per image
+    /// (all false when the folder has no checker or it was skipped). Flagged
+    /// images come back black, as the checker returns them.
+    pub fn generate_checked(
+        &mut self,
+        prompt: &str,
+        p: &Params,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Array4<f32>, Vec<bool>), GenerateError> {
         let f = self.model.vae_factor;
         if p.height == 0
             || p.width == 0
@@ -283,9 +320,13 @@ impl Generator {
         let x: Array4<f32> = x
             .into_dimensionality()
             .map_err(|e| GenerateError::Invalid(e.to_string()))?;
-        Ok(self
+        let images = self
             .vae
-            .decode(x.mapv(|v| v / self.model.vae_scaling_factor).view())?)
+            .decode(x.mapv(|v| v / self.model.vae_scaling_factor).view())?;
+        match &mut self.safety {
+            Some(checker) => Ok(checker.check(images.view())?),
+            None => Ok((images, vec![false; n])),
+        }
     }
 }
 
