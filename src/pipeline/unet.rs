@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, IxDyn};
-use ort::session::Session;
+use ort::session::{IoBinding, Session};
 use ort::value::{Tensor, TensorElementType};
 
 use crate::runtime::tensors::{float_array, float_value, port};
@@ -19,6 +19,9 @@ pub struct Unet {
     timestep: (TensorElementType, usize),
     hidden: (TensorElementType, Vec<i64>),
     output: String,
+    /// Inputs that stay the same across denoising steps (the text
+    /// embeddings) and the output buffer, bound once per prompt.
+    binding: Option<IoBinding>,
 }
 
 impl Unet {
@@ -54,6 +57,7 @@ impl Unet {
             timestep: (t_ty, t_shape.len()),
             hidden,
             output,
+            binding: None,
         })
     }
 
@@ -70,47 +74,74 @@ impl Unet {
         self.hidden.1.last().and_then(|&d| usize::try_from(d).ok())
     }
 
-    /// Predicts the noise for a batch.
-    ///
-    /// `sample: [b, c, h, w] f32`, `t`: the scheduler's timestep,
-    /// `hidden: [b, 77, d] f32`. Returns `[b, c, h, w] f32`.
-    pub fn predict(
+    /// Binds the text embeddings `hidden: [b, 77, d] f32` for the coming
+    /// [`Self::predict_bound`] calls: they are converted and handed to ONNX
+    /// Runtime once per prompt, not once per step, and the output buffer is
+    /// reused across steps.
+    pub fn bind_hidden(&mut self, hidden: ArrayView3<f32>) -> Result<(), SessionError> {
+        let path = self.path.clone();
+        let err = |source: ort::Error| SessionError::Ort {
+            path: path.clone(),
+            source,
+        };
+        let mut binding = self.session.create_binding().map_err(err)?;
+        let value = float_value(self.hidden.0, hidden.into_dyn()).map_err(err)?;
+        binding
+            .bind_input("encoder_hidden_states", &value)
+            .map_err(err)?;
+        let mem = self.session.allocator().memory_info();
+        binding
+            .bind_output_to_device(self.output.as_str(), mem)
+            .map_err(err)?;
+        self.binding = Some(binding);
+        Ok(())
+    }
+
+    /// Predicts the noise for `sample: [b, c, h, w] f32` at timestep `t` with
+    /// the embeddings of [`Self::bind_hidden`].
+    pub fn predict_bound(
         &mut self,
         sample: ArrayView4<f32>,
         t: f64,
-        hidden: ArrayView3<f32>,
     ) -> Result<Array4<f32>, SessionError> {
         let path = self.path.clone();
         let err = |source: ort::Error| SessionError::Ort {
             path: path.clone(),
             source,
         };
-        let b = sample.shape()[0];
-        let t_shape = if self.timestep.1 == 0 {
-            IxDyn(&[])
-        } else {
-            IxDyn(&[b])
-        };
-        let timestep = match self.timestep.0 {
-            TensorElementType::Int64 => {
-                Tensor::from_array(ArrayD::from_elem(t_shape, t.round() as i64))
-                    .map_err(err)?
-                    .into_dyn()
-            }
-            ty => float_value(ty, ArrayD::from_elem(t_shape, t as f32).view()).map_err(err)?,
-        };
-        let inputs = ort::inputs![
-            "sample" => float_value(self.sample, sample.into_dyn()).map_err(err)?,
-            "timestep" => timestep,
-            "encoder_hidden_states" => float_value(self.hidden.0, hidden.into_dyn()).map_err(err)?,
-        ];
-        let outputs = self.session.run(inputs).map_err(err)?;
+        let timestep = self.timestep_value(t, sample.shape()[0]).map_err(err)?;
+        let sample = float_value(self.sample, sample.into_dyn()).map_err(err)?;
+        let binding = self
+            .binding
+            .as_mut()
+            .ok_or_else(|| SessionError::Interface {
+                path: path.clone(),
+                why: "predict_bound before bind_hidden".into(),
+            })?;
+        binding.bind_input("sample", &sample).map_err(err)?;
+        binding.bind_input("timestep", &timestep).map_err(err)?;
+        let outputs = self.session.run_binding(binding).map_err(err)?;
         let out = float_array(&outputs[self.output.as_str()]).map_err(err)?;
         out.into_dimensionality()
             .map_err(|e| SessionError::Interface {
                 path: self.path.clone(),
                 why: e.to_string(),
             })
+    }
+
+    /// The timestep in the type and rank the export declares.
+    fn timestep_value(&self, t: f64, batch: usize) -> Result<ort::value::DynValue, ort::Error> {
+        let shape = if self.timestep.1 == 0 {
+            IxDyn(&[])
+        } else {
+            IxDyn(&[batch])
+        };
+        Ok(match self.timestep.0 {
+            TensorElementType::Int64 => {
+                Tensor::from_array(ArrayD::from_elem(shape, t.round() as i64))?.into_dyn()
+            }
+            ty => float_value(ty, ArrayD::from_elem(shape, t as f32).view())?,
+        })
     }
 }
 

@@ -293,6 +293,7 @@ impl Generator {
         let mut sched = schedulers::build(&self.scheduler_config, kind, p.steps, p.eta)?;
         let mut x: ArrayD<f32> = latents.mapv(|v| v * sched.init_noise_sigma() as f32);
         let timesteps = sched.timesteps().to_vec();
+        self.unet.bind_hidden(hidden.view())?;
         for (call, &t) in timesteps.iter().enumerate() {
             let input = sched.scale_model_input(x.view(), call)?;
             let batch = if guided {
@@ -304,10 +305,7 @@ impl Generator {
             let batch = batch
                 .into_dimensionality()
                 .map_err(|e| GenerateError::Invalid(e.to_string()))?;
-            let eps = self
-                .unet
-                .predict(batch.view(), t, hidden.view())?
-                .into_dyn();
+            let eps = self.unet.predict_bound(batch.view(), t)?.into_dyn();
             let eps = if guided {
                 let (u, c) = eps.view().split_at(Axis(0), n);
                 &u + &((&c - &u) * p.guidance as f32)
