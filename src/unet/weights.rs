@@ -266,14 +266,23 @@ fn edit_stored<T>(
 where
     T: ndarray::LinalgScalar,
 {
+    let cols = match p.layout {
+        Layout::Transposed => stored.ncols(),
+        Layout::Direct => stored.nrows(),
+    };
+    let selected = selected_columns(p.role, cols, targets);
+    if selected.len() == cols {
+        // The common case, straight into BLAS without copies.
+        return match p.layout {
+            Layout::Transposed => at.dot(&stored),
+            Layout::Direct => stored.dot(&at.t()),
+        };
+    }
     let mut wt = match p.layout {
         Layout::Transposed => stored.to_owned(),
         Layout::Direct => stored.t().to_owned(),
     };
-    let selected = selected_columns(p.role, wt.ncols(), targets);
-    if selected.len() == wt.ncols() {
-        wt = at.dot(&wt);
-    } else if !selected.is_empty() {
+    if !selected.is_empty() {
         let edited = at.dot(&wt.select(Axis(1), &selected));
         for (k, &c) in selected.iter().enumerate() {
             wt.column_mut(c).assign(&edited.column(k));

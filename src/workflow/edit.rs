@@ -312,6 +312,8 @@ fn compute_operator(
     let rt = Runtime::load()?;
     let mut encoder = TextEncoder::open(&rt, &req.text_encoder)?;
     let emb: Array3<f32> = encoder.embed(&ids)?;
+    // Free the session (and its spinning thread pool) before the BLAS work.
+    drop(encoder);
     let n = pairs.len();
     for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
         if row.iter().any(|v| !v.is_finite()) {

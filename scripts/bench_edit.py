@@ -1,0 +1,580 @@
+#!/usr/bin/env python3
+"""Benchmark `time-onnx edit` against a plain copy and against the Python route; write BENCHMARKS.md "## edit".
+
+    python3 scripts/bench_edit.py [--rev REV] [--model DIR] [--tiny DIR] [--runs 3] [--tmp DIR] [--no-write]
+
+Contenders, side by side on the same input files, each in its own process:
+  (A)  cp -r <model>/unet <tmp>/unet_copy                       the floor for a standalone output
+  (A') cp -r <model>/unet <tmp>/unet_copy && sync <copied files>  (information only: the same copy, flushed
+                                                                 to disk; time-onnx up to bf62d7a fsynced its output)
+  (B)  <release binary> time-onnx edit <model>/unet/model.onnx --src "A pack of roses" --dst "A pack of blue roses"
+           -o <tmp>/out/model.onnx
+  (C)  the Python route: a fresh python process doing transformers' CLIPTokenizer + the text encoder through
+       onnxruntime (4 augmented pairs, one batch), the TIME solve in numpy, onnx.load (external data),
+       32 K/V initializers replaced through numpy_helper, onnx.save_model into one weights.pb.
+
+Method: `cargo build --release` first (of the working tree; with --rev REV, of that commit exported by
+`git archive` into third_party/bench-edit-build/, with its own target folder, so work in progress in the
+shared tree is neither measured nor disturbed); then every contender runs once untimed (warms the page cache),
+then `--runs` timed rounds, each round running A, A', B, C in turn; the median is reported. Before
+every run the previous output is deleted, `sync` is called, and the script waits for 2 idle seconds on
+the machine (none of it timed), so no run pays for another's write-back. Wall time is measured around the
+process; peak RSS comes from GNU time (/usr/bin/time -f %M; wait4()'s ru_maxrss as a fallback); the
+CPU time other processes used during each run is recorded (the machine is shared). (B) is then run once
+more with -v for its stage split.
+
+Models: --model (default third_party/sd14-random, built by scripts/make_full_size_model.py when missing)
+and --tiny (default tests/fixtures/sd-tiny/diffusers-onnx), both in diffusers' convert-script layout.
+
+Like scripts/make_fixtures.py, the script runs inside third_party/venv-fixtures (created when missing).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / "third_party" / "venv-fixtures"
+REQS = REPO / "scripts" / "requirements-fixtures.txt"
+
+
+def _bootstrap() -> None:
+    """Same as scripts/make_fixtures.py: own venv, re-exec inside it."""
+    vpy = VENV / "bin" / "python"
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    stamp = VENV / ".requirements.sha256"
+    want = hashlib.sha256(REQS.read_bytes()).hexdigest()
+    if not vpy.exists():
+        print(f"[bootstrap] creating venv {VENV}", flush=True)
+        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+    if not stamp.exists() or stamp.read_text().strip() != want:
+        print(f"[bootstrap] installing {REQS.name} into the venv (takes a few minutes)", flush=True)
+        subprocess.check_call([str(vpy), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                               "-r", str(REQS)])
+        stamp.write_text(want + "\n")
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    os.execve(str(vpy), [str(vpy), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    _bootstrap()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+SRC = "A pack of roses"
+DST = "A pack of blue roses"
+LAMBDA = 0.1
+AUGS = ["A photo of ", "An image of ", "A picture of "]  # diffusers' AUGS_CONST
+BIN = REPO / "target" / "release" / "time-onnx"
+BUILD_DIR = REPO / "third_party" / "bench-edit-build"
+ORT_LIB = REPO / "third_party" / "onnxruntime" / "libonnxruntime.so.1"
+BENCH_MD = REPO / "BENCHMARKS.md"
+
+
+# ======================================================================================
+# (C) the Python route, run as `bench_edit.py --python-route UNET OUTDIR` in a fresh process
+# ======================================================================================
+def python_route(unet_path: str, out_dir: str) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from transformers import CLIPTokenizer
+
+    unet_path = Path(unet_path)
+    model_dir = unet_path.parent.parent
+    tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+
+    # augmented prompt pairs, as diffusers' StableDiffusionModelEditingPipeline.edit_model builds them
+    def base(t: str) -> str:
+        return "a" + t[1:] if t[:1] == "A" else t
+    old_texts = [SRC] + [a + base(SRC) for a in AUGS]
+    new_texts = [DST] + [a + base(DST) for a in AUGS]
+
+    # text encoder, one batch of all 8 prompts
+    ids = tok(old_texts + new_texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="np").input_ids
+    sess = ort.InferenceSession(str(model_dir / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    dt = np.int32 if inp.type == "tensor(int32)" else np.int64
+    emb = sess.run(None, {inp.name: ids.astype(dt)})[0].astype(np.float64)
+    n = len(old_texts)
+    old_embs, new_embs = emb[:n], emb[n:]
+
+    # alignment (diffusers' edit_model): destination position of every source token
+    a_id = tok.encode("a ")[1]
+    idxs_replaces = []
+    for old_text, new_text in zip(old_texts, new_texts):
+        tokens_a = [a_id if tok.decode(t) == "an" else t for t in tok(old_text).input_ids]
+        tokens_b = [a_id if tok.decode(t) == "an" else t for t in tok(new_text).input_ids]
+        idxs, j = [], 0
+        for t in tokens_a:
+            while tokens_b[j] != t:
+                j += 1
+            idxs.append(j)
+            j += 1
+        while j < 77:
+            idxs.append(j)
+            j += 1
+        while len(idxs) < 77:
+            idxs.append(76)
+        idxs_replaces.append(idxs)
+
+    # TIME: A = (λI + Σ c* cᵀ)(λI + Σ c cᵀ)⁻¹ over all 77 positions of every pair; W' = W A, i.e. W'ᵀ = Aᵀ Wᵀ
+    c = old_embs.reshape(-1, old_embs.shape[-1])
+    c_star = np.concatenate([new_embs[p][idxs_replaces[p]] for p in range(n)])
+    d = c.shape[1]
+    m2 = LAMBDA * np.eye(d) + c.T @ c
+    m1 = LAMBDA * np.eye(d) + c_star.T @ c
+    a = m1 @ np.linalg.inv(m2)
+    at = a.T
+
+    # the UNet: load everything, replace the K/V initializers, save as diffusers' layout
+    model = onnx.load(str(unet_path), load_external_data=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    kv = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[0] == "encoder_hidden_states" and node.input[1] in inits:
+            kv.append(node.input[1])
+    for name in kv:
+        t = inits[name]
+        w = numpy_helper.to_array(t)                       # Wᵀ [d, C]
+        new = (at @ w.astype(np.float64)).astype(w.dtype)
+        t.CopyFrom(numpy_helper.from_array(new, name))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.pb")
+    print(f"python route: replaced {len(kv)} K/V initializers; wrote {out / 'model.onnx'}")
+
+
+# ======================================================================================
+# measurement
+# ======================================================================================
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Result:
+    def __init__(self, wall: float, cpu: float, rss_kb: int, rc: int, stdout: str, stderr: str, foreign: float):
+        self.wall, self.cpu, self.rss_kb, self.rc, self.stdout, self.stderr = wall, cpu, rss_kb, rc, stdout, stderr
+        self.foreign = foreign  # CPU seconds used by everything else on the machine during the run
+
+
+GNU_TIME = Path("/usr/bin/time")
+
+
+def busy_cpu_seconds() -> float:
+    """Machine-wide non-idle CPU time (all cores) from /proc/stat."""
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+QUIET_WAITS: list[float] = []  # seconds waited for a quiet machine before each run; None-free
+
+
+def wait_quiet(limit: float = 120.0, threshold: float = 0.15, need: int = 2) -> float:
+    """Waits until the machine has been idle (< `threshold` busy CPU-seconds per second, all cores) for
+    `need` consecutive seconds, at most `limit` seconds. Returns the time waited (limit = gave up)."""
+    t0 = time.perf_counter()
+    quiet = 0
+    while quiet < need and time.perf_counter() - t0 < limit:
+        b0 = busy_cpu_seconds()
+        time.sleep(1.0)
+        quiet = quiet + 1 if busy_cpu_seconds() - b0 < threshold else 0
+    waited = time.perf_counter() - t0
+    QUIET_WAITS.append(waited)
+    return waited
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> Result:
+    """Wall time around the process; peak RSS from GNU time when present (a child forked from this
+    Python process would otherwise inherit this process's RSS into its ru_maxrss), else wait4()."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe, \
+            tempfile.NamedTemporaryFile(suffix=".time") as ft:
+        full = [str(GNU_TIME), "-f", "%M", "-o", ft.name, *cmd] if GNU_TIME.exists() else cmd
+        busy0 = busy_cpu_seconds()
+        t = time.perf_counter()
+        p = subprocess.Popen(full, stdout=fo, stderr=fe, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        busy = busy_cpu_seconds() - busy0
+        rc = os.waitstatus_to_exitcode(status)
+        cpu = ru.ru_utime + ru.ru_stime
+        rss_kb = ru.ru_maxrss
+        if GNU_TIME.exists():
+            lines = Path(ft.name).read_text().split()
+            if lines and lines[-1].isdigit():
+                rss_kb = int(lines[-1])
+        fo.seek(0)
+        fe.seek(0)
+        return Result(wall, cpu, rss_kb, rc, fo.read().decode(errors="replace"), fe.read().decode(errors="replace"),
+                      max(0.0, busy - cpu))
+
+
+def rm(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p)
+
+
+class Contender:
+    def __init__(self, key: str, label: str, cmd: list[str], out: Path, mkdir: Path | None = None,
+                 env: dict | None = None):
+        self.key, self.label, self.cmd, self.out, self.mkdir, self.env = key, label, cmd, out, mkdir, env
+        self.runs: list[Result] = []
+
+    def prepare(self) -> None:
+        rm(self.out)
+        if self.mkdir is not None:
+            self.mkdir.mkdir(parents=True, exist_ok=True)
+        os.sync()
+        if wait_quiet() >= 120.0:
+            say("    (the machine did not go quiet within 120 s; running anyway)")
+
+    def run(self, timed: bool) -> Result:
+        self.prepare()
+        r = run_measured(self.cmd, self.env)
+        if r.rc != 0:
+            raise SystemExit(f"{self.label} failed (exit {r.rc}):\n{r.stdout}\n{r.stderr}")
+        produced = sum(f.stat().st_size for f in self.out.rglob("*") if f.is_file()) if self.out.is_dir() \
+            else self.out.stat().st_size
+        if timed:
+            self.runs.append(r)
+        say(f"  {self.key:<3s} {'timed ' if timed else 'warmup'} {r.wall:7.2f} s  (CPU {r.cpu:6.2f} s, others "
+            f"{r.foreign:5.2f} s)  peak RSS {r.rss_kb / 1024:7.0f} MiB  (output {produced / 2**20:.0f} MiB)")
+        rm(self.out)
+        return r
+
+    @property
+    def median_wall(self) -> float:
+        return statistics.median(r.wall for r in self.runs)
+
+    @property
+    def min_wall(self) -> float:
+        return min(r.wall for r in self.runs)
+
+    @property
+    def max_foreign(self) -> float:
+        return max(r.foreign for r in self.runs)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(r.cpu for r in self.runs)
+
+    @property
+    def median_rss(self) -> float:
+        return statistics.median(r.rss_kb for r in self.runs) / 1024
+
+    @property
+    def max_rss(self) -> float:
+        return max(r.rss_kb for r in self.runs) / 1024
+
+
+TIMINGS_RE = re.compile(r"timings: (.*)")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_split(stderr: str) -> tuple[str, dict[str, float]]:
+    text = ANSI_RE.sub("", stderr)
+    m = TIMINGS_RE.search(text)
+    if not m:
+        raise SystemExit(f"no 'timings:' line in time-onnx -v stderr:\n{text}")
+    line = m.group(0).strip()
+    parts = {}
+    for item in m.group(1).split(", "):
+        name, ms, unit = item.rsplit(" ", 2)
+        assert unit == "ms", item
+        parts[name] = float(ms)
+    return line, parts
+
+
+def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: Path) -> dict:
+    unet = model / "unet" / "model.onnx"
+    work = tmp / key
+    rm(work)
+    work.mkdir(parents=True)
+    vpy = str(VENV / "bin" / "python")
+    py_env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+                  TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    b_cmd = [str(binary), "edit", str(unet), "--src", SRC, "--dst", DST, "-o", str(work / "out" / "model.onnx")]
+    b_env = dict(os.environ)
+    if ORT_LIB.exists() and binary != BIN:  # a build outside the repo does not find third_party/ by itself
+        b_env["ORT_DYLIB_PATH"] = str(ORT_LIB)
+    unet_files = sorted(p.name for p in (model / "unet").iterdir())
+    contenders = [
+        Contender("A", "cp -r", ["cp", "-r", str(model / "unet"), str(work / "unet_copy")], work / "unet_copy"),
+        Contender("A'", "cp -r + sync", ["sh", "-c", 'cp -r "$1" "$2" && cd "$2" && shift 2 && sync "$@"', "sh",
+                                         str(model / "unet"), str(work / "unet_copy"), *unet_files],
+                  work / "unet_copy"),
+        Contender("B", "time-onnx edit", b_cmd, work / "out", mkdir=work / "out", env=b_env),
+        Contender("C", "Python route", [vpy, str(Path(__file__).resolve()), "--python-route", str(unet),
+                                        str(work / "py_out")], work / "py_out", env=py_env),
+    ]
+    say(f"== {name}: {model} (UNet folder {sum(f.stat().st_size for f in (model / 'unet').iterdir()) / 2**20:.0f} MiB)")
+    for c in contenders:
+        c.run(timed=False)
+    for r in range(runs):
+        say(f" round {r + 1}/{runs}")
+        for c in contenders:
+            c.run(timed=True)
+    # the split, from one more -v run
+    b = contenders[2]
+    b.prepare()
+    rv = run_measured([b_cmd[0], "-v", *b_cmd[1:]], b_env)
+    if rv.rc != 0:
+        raise SystemExit(f"time-onnx -v failed:\n{rv.stderr}")
+    rm(b.out)
+    line, split = parse_split(rv.stderr)
+    say(f"  B -v: {rv.wall:.2f} s; {line}")
+    stdout_b = re.sub(r"; wrote .*", "", ANSI_RE.sub("", b.runs[-1].stdout).strip())
+    return {"key": key, "name": name, "model": model, "contenders": {c.key: c for c in contenders}, "split_line": line,
+            "split": split, "split_wall": rv.wall, "b_stdout": stdout_b,
+            "c_stdout": contenders[3].runs[-1].stdout.strip()}
+
+
+# ======================================================================================
+# report
+# ======================================================================================
+def sh(cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, check=True).stdout.strip()
+    except subprocess.CalledProcessError:
+        return "?"
+
+
+def machine_facts(tmp: Path) -> dict:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = "?"
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    import numpy
+    import onnx
+    import onnxruntime
+    return {
+        "nproc": sh("nproc"),
+        "cpu": cpu,
+        "mem": mem,
+        "fs": sh(f"findmnt -n -o FSTYPE -T {shlex.quote(str(tmp))}") or sh(f"stat -f -c %T {shlex.quote(str(tmp))}"),
+        "kernel": platform.release(),
+        "rustc": sh("rustc --version"),
+        "python": platform.python_version(),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def render(results: list[dict], facts: dict, command: str, runs: int, build_s: float, tmp: Path,
+           build_what: str) -> str:
+    today = datetime.date.today().isoformat()
+    out = ["## edit", ""]
+    out.append(f"Measured {today} with `{command}`; time-onnx built from {build_what}.")
+    out.append("")
+    out.append(f"Machine: {facts['nproc']} cores (`nproc`), {facts['cpu']}, {facts['mem']} RAM, "
+               f"output folder `{tmp.relative_to(REPO) if tmp.is_relative_to(REPO) else tmp}` on {facts['fs']}, "
+               f"Linux {facts['kernel']}; {facts['rustc']}; Python {facts['python']}, onnx {facts['onnx']}, "
+               f"onnxruntime {facts['onnxruntime']}, numpy {facts['numpy']}. The release build took "
+               f"{build_s:.1f} s before the runs. Load average (1/5/15 min) {facts['load'][0]} before the runs, "
+               f"{facts['load'][1]} after; {facts['quiet']} (other processes on the shared machine are not "
+               f"controlled, see the \"others' CPU\" column).")
+    out.append("")
+    out.append(f"Method: each contender runs once untimed (page cache warm), then {runs} timed rounds run A, A', B, C "
+               "in turn; medians are reported. Every run is its own process; before each, the previous output is "
+               "deleted, `sync` is called, and the script waits until the machine has been idle for 2 s (at most "
+               "120 s; none of this is timed). Wall time is measured around the process, peak RSS is "
+               "GNU time's maximum resident set size (`/usr/bin/time -f %M`). \"Others' CPU\" is the machine's busy CPU "
+               "time (`/proc/stat`) during the run minus the contender's own: work of other processes (the "
+               "machine is shared), kernel threads (write-back, memory reclaim) included. The page cache is not dropped: inputs are read from "
+               "memory in every run.")
+    out.append("")
+    out.append("- **A** `cp -r <model>/unet <tmp>/unet_copy`: the floor for a standalone output.")
+    out.append("- **A'** the same copy followed by `sync <copied files>` (fsync). Information only: the floor "
+               "for a copy that is flushed to disk, the comparison for versions of time-onnx that fsync their "
+               "output before renaming it into place (up to bf62d7a; a68c11a dropped the fsync).")
+    out.append(f"- **B** `time-onnx edit <model>/unet/model.onnx --src \"{SRC}\" --dst \"{DST}\" "
+               "-o <tmp>/out/model.onnx` (the release binary built above), end to end.")
+    out.append("- **C** the Python route, a fresh `python` process: transformers `CLIPTokenizer`, the text encoder "
+               "through onnxruntime (4 augmented pairs, one batch of 8), the TIME solve in numpy (float64, all 77 "
+               "positions), `onnx.load(..., load_external_data=True)`, the K/V initializers (MatMuls fed by "
+               "`encoder_hidden_states`) replaced through `numpy_helper`, `onnx.save_model(..., "
+               "save_as_external_data=True, all_tensors_to_one_file=True, location=\"weights.pb\")`. "
+               "Code: `python_route()` in `scripts/bench_edit.py`.")
+    out.append("")
+    for r in results:
+        c = r["contenders"]
+        out.append(f"### {r['name']}: `{r['model'].relative_to(REPO) if r['model'].is_relative_to(REPO) else r['model']}`")
+        out.append("")
+        size = sum(f.stat().st_size for f in (r["model"] / "unet").iterdir())
+        out.append(f"UNet folder: {size / 2**20:,.1f} MiB. B printed: \"{r['b_stdout'].splitlines()[-1] if r['b_stdout'] else ''}\"; "
+                   f"C printed: \"{r['c_stdout'].splitlines()[-1].split(';')[0] if r['c_stdout'] else ''}\".")
+        out.append("")
+        out.append(f"| contender | median wall (s) | runs (s) | min (s) | CPU user+sys, median (s) | others' CPU during a "
+                   f"run, max (s) | peak RSS, median (MiB) |")
+        out.append("|---|---:|---|---:|---:|---:|---:|")
+        for k in ("A", "A'", "B", "C"):
+            x = c[k]
+            runs_s = ", ".join(f"{q.wall:.3f}" for q in x.runs)
+            out.append(f"| {k}: {x.label} | {x.median_wall:.3f} | {runs_s} | {x.min_wall:.3f} | {x.median_cpu:.2f} | {x.max_foreign:.2f} | "
+                       f"{x.median_rss:,.0f} |")
+        out.append("")
+        sp = r["split"]
+        te_s = sp.get("text encoder", 0.0) / 1e3
+        b_wall, a_wall, ap_wall, c_wall = c["B"].median_wall, c["A"].median_wall, c["A'"].median_wall, c["C"].median_wall
+        b_minus_te = b_wall - te_s
+        out.append(f"Split of B (one extra `-v` run, {r['split_wall']:.2f} s wall): `{r['split_line']}`")
+        out.append("")
+        if r["key"] == "full":
+            out.append("| target | measured | verdict |")
+            out.append("|---|---|---|")
+            ratio_a = b_minus_te / a_wall
+            per_round_a = [(br.wall - te_s) / ar.wall for br, ar in zip(c["B"].runs, c["A"].runs)]
+            out.append(f"| (B − text encoder) ≤ 1.2 × A | ({b_wall:.2f} − {te_s:.2f}) / {a_wall:.2f} = "
+                       f"**{ratio_a:.2f} ×** (per round {min(per_round_a):.2f}–{max(per_round_a):.2f} ×) | "
+                       f"{verdict(ratio_a <= 1.2)}"
+                       f"{'' if ratio_a <= 1.2 else f' by {ratio_a / 1.2:.2f} × ({b_minus_te - 1.2 * a_wall:.2f} s over)'} |")
+            out.append(f"| (information) (B − text encoder) vs A' (copy + fsync) | {b_minus_te:.2f} / {ap_wall:.2f} = "
+                       f"{b_minus_te / ap_wall:.2f} × | — |")
+            out.append(f"| (information) the same two ratios from the fastest runs | (B − text encoder) / A = "
+                       f"{(c['B'].min_wall - te_s) / c['A'].min_wall:.2f} ×; C / B = "
+                       f"{c['C'].min_wall / c['B'].min_wall:.2f} × | — |")
+            speed = c_wall / b_wall
+            per_round = [cr.wall / br.wall for cr, br in zip(c["C"].runs, c["B"].runs)]
+            out.append(f"| B ≥ 5 × faster than C | {c_wall:.2f} / {b_wall:.2f} = **{speed:.2f} ×** (per round "
+                       f"{min(per_round):.2f}–{max(per_round):.2f} ×) | "
+                       f"{verdict(speed >= 5)}{'' if speed >= 5 else f' (needs B ≤ {c_wall / 5:.2f} s)'} |")
+            rss = c["B"].max_rss
+            out.append(f"| peak RSS of B < 1 GB (1024 MiB) | max over timed runs {rss:,.0f} MiB (C: "
+                       f"{c['C'].median_rss:,.0f} MiB) | {verdict(rss < 1024)} |")
+            if "solve and apply" in sp:
+                sa, sa_from = sp["solve and apply"], "\"solve and apply\""
+            elif "solve" in sp and "apply" in sp:
+                sa, sa_from = sp["solve"] + sp["apply"], f"\"solve\" {sp['solve']:.0f} ms + \"apply\" {sp['apply']:.0f} ms"
+            else:
+                sa, sa_from = float("nan"), "no solve/apply timing in the -v line"
+            out.append(f"| solve + apply to all 32 K/V matrices (d = 768) < 150 ms | {sa:.0f} ms ({sa_from} "
+                       f"of the -v run) | {verdict(sa < 150)}{'' if sa < 150 else f' by {sa / 150:.1f} × ({sa - 150:.0f} ms over)'} |")
+            out.append("")
+        else:
+            out.append(f"Ratios (no targets for this model; A takes a few ms, so the first ratio measures fixed costs): "
+                       f"(B − text encoder) / A = {b_minus_te / a_wall:.1f} ×; C / B = {c_wall / b_wall:.2f} ×; "
+                       f"peak RSS B {c['B'].max_rss:,.0f} MiB, C {c['C'].median_rss:,.0f} MiB.")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_section(section: str) -> None:
+    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
+    text = text.replace("No figures yet: the edit and generate benchmarks land with those commands.",
+                        "The generate benchmark lands with that command.")
+    m = re.search(r"^## edit\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if m:
+        text = text[:m.start()] + section + ("\n" if text[m.end():] else "") + text[m.end():]
+    else:
+        text = text.rstrip() + "\n\n" + section
+    BENCH_MD.write_text(text)
+
+
+# ======================================================================================
+# main
+# ======================================================================================
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--python-route":
+        python_route(sys.argv[2], sys.argv[3])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=REPO / "third_party" / "sd14-random")
+    ap.add_argument("--tiny", type=Path, default=REPO / "tests" / "fixtures" / "sd-tiny" / "diffusers-onnx")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per contender (default 3)")
+    ap.add_argument("--tmp", type=Path, default=REPO / "third_party" / "bench-edit-tmp",
+                    help="scratch folder for the outputs (default third_party/bench-edit-tmp)")
+    ap.add_argument("--rev", help="build time-onnx from this commit (git archive) instead of the working tree")
+    ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
+    args = ap.parse_args()
+    command = "python3 scripts/bench_edit.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    model, tiny, tmp = args.model.resolve(), args.tiny.resolve(), args.tmp.resolve()
+
+    if not (model / "unet" / "weights.pb").exists():
+        say(f"{model} missing: building it with scripts/make_full_size_model.py")
+        subprocess.check_call([sys.executable, str(REPO / "scripts" / "make_full_size_model.py"), "--out", str(model)])
+    t = time.perf_counter()
+    if args.rev:
+        rev = sh(f"git -C {shlex.quote(str(REPO))} rev-parse --verify {shlex.quote(args.rev + '^{commit}')}")
+        if rev == "?":
+            raise SystemExit(f"unknown revision {args.rev!r}")
+        src = BUILD_DIR / "src"
+        stamp = BUILD_DIR / "src.rev"
+        if not (stamp.exists() and stamp.read_text().strip() == rev):
+            rm(src)
+            src.mkdir(parents=True)
+            say(f"exporting {rev[:12]} to {src}")
+            subprocess.run(f"git -C {shlex.quote(str(REPO))} archive {rev} | tar -x -C {shlex.quote(str(src))}",
+                           shell=True, check=True)
+            stamp.write_text(rev + "\n")
+        say(f"cargo build --release (commit {rev[:12]}, target {BUILD_DIR / 'target'})")
+        env = dict(os.environ, CARGO_TARGET_DIR=str(BUILD_DIR / "target"))
+        subprocess.check_call(["cargo", "build", "--release", "--quiet", "--bin", "time-onnx"], cwd=src, env=env)
+        binary = BUILD_DIR / "target" / "release" / "time-onnx"
+        build_what = f"commit {rev[:12]} (`git archive` export, `--rev {args.rev}`)"
+    else:
+        say("cargo build --release (working tree)")
+        subprocess.check_call(["cargo", "build", "--release", "--quiet"], cwd=REPO)
+        binary = BIN
+        head = sh(f"git -C {shlex.quote(str(REPO))} rev-parse --short=12 HEAD")
+        dirty = sh(f"git -C {shlex.quote(str(REPO))} status --porcelain -- src Cargo.toml Cargo.lock")
+        build_what = f"the working tree at commit {head}" + (
+            " **with uncommitted changes** under src/ or Cargo.* (rerun with --rev HEAD to measure a commit)"
+            if dirty not in ("", "?") else " (clean)")
+    build_s = time.perf_counter() - t
+    say(f"built in {build_s:.1f} s: {build_what}")
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    results = []
+    try:
+        results.append(bench_model("full", "full size (SD 1.4 architecture, random weights, fp32)", model, tmp, args.runs, binary))
+        results.append(bench_model("tiny", "tiny (sd-tiny fixture)", tiny, tmp, args.runs, binary))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    facts = machine_facts(tmp.parent)
+    gave_up = sum(1 for w in QUIET_WAITS if w >= 120.0)
+    facts["quiet"] = (f"waiting for an idle machine took {statistics.median(QUIET_WAITS):.1f} s median, "
+                      f"{max(QUIET_WAITS):.1f} s at most; gave up {gave_up} time(s)") if QUIET_WAITS else "no runs"
+    facts["load"] = (" ".join(load_before), " ".join(Path("/proc/loadavg").read_text().split()[:3]))
+    section = render(results, facts, command, args.runs, build_s, tmp, build_what)
+    print()
+    print(section)
+    if not args.no_write:
+        write_section(section)
+        say(f"wrote the 'edit' section of {BENCH_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
