@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use time_onnx::onnx::Model;
 use time_onnx::onnx::cross_attention::{self, Role};
+use time_onnx::unet::names::UnetLayout;
 use time_onnx::unet::weights::Targets;
 use time_onnx::workflow::edit::{EditRequest, run};
 
@@ -196,4 +197,69 @@ fn fp16_with_fp32_inputs_matches_reference() {
 #[test]
 fn ort_packed_kv_matches_reference() {
     check_flavour("ort-packed-kv");
+}
+
+/// The module paths derived from `config.json` are the ones the TorchScript
+/// exporter wrote into node names, in graph order.
+#[test]
+fn config_derived_module_paths_match_the_exporters() {
+    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/optimum/unet"));
+    let layout =
+        UnetLayout::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let modules = layout.cross_attention_modules().unwrap();
+    let m = Model::open(&dir.join("model.onnx")).unwrap();
+    let exported: Vec<String> = cross_attention::locate(&m)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.role == Role::Key)
+        .map(|p| p.module.unwrap().trim_end_matches(".to_k").to_string())
+        .collect();
+    assert_eq!(modules, exported);
+}
+
+/// A packed-KV UNet with its config beside it: `--save-weights` keys are
+/// diffusers parameter names, and the weights are the reference's.
+#[test]
+fn packed_kv_weights_are_named_from_the_unet_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let unet_dir = tmp.path().join("unet");
+    std::fs::create_dir(&unet_dir).unwrap();
+    std::fs::copy(
+        format!("{FIXTURES}/sd-tiny/ort-packed-kv/unet/model.onnx"),
+        unet_dir.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::copy(
+        format!("{FIXTURES}/sd-tiny/optimum/unet/config.json"),
+        unet_dir.join("config.json"),
+    )
+    .unwrap();
+    let case = cases().into_iter().next().unwrap();
+    let weights = tmp.path().join("w.safetensors");
+    let req = request(
+        "ort-packed-kv",
+        unet_dir.join("model.onnx"),
+        tmp.path().join("out.onnx"),
+        &case,
+        &case["edits"][0],
+        weights.clone(),
+    );
+    run(&req).unwrap();
+    let ours = saved(&weights);
+    let expected = golden(case["files"]["f64"].as_str().unwrap());
+    let mut keys: Vec<_> = ours.keys().cloned().collect();
+    let mut want: Vec<_> = expected.keys().cloned().collect();
+    keys.sort();
+    want.sort();
+    assert_eq!(keys, want);
+    for (key, (_, w)) in &expected {
+        let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = ours[key]
+            .1
+            .iter()
+            .zip(w)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(err <= tolerance("ort-packed-kv"), "{key}: {err}");
+    }
 }

@@ -1,3 +1,4 @@
 //! The UNet side of an edit: applying the operator to each stored K/V weight.
 
+pub mod names;
 pub mod weights;

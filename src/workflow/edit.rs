@@ -17,6 +17,7 @@ use crate::onnx::{Model, OnnxError};
 use crate::runtime::{LoadError, Runtime, SessionError};
 use crate::text::encoder::TextEncoder;
 use crate::text::{ClipTokenizer, TextError};
+use crate::unet::names::{UnetLayout, fill_module_paths};
 use crate::unet::weights::{self, Targets, WeightError};
 
 /// Prefix of the `metadata_props` keys that record edits, numbered from 1.
@@ -188,7 +189,8 @@ pub fn run_with_progress(
             if let Some(out) = &req.output {
                 patch::check_output(&model, out)?;
             }
-            let projections = cross_attention::locate(&model)?;
+            let mut projections = cross_attention::locate(&model)?;
+            name_from_config(path, &mut projections);
             Some((model, projections))
         }
         None => None,
@@ -332,6 +334,21 @@ fn compute_operator(
     )?;
     lap("solve");
     Ok((operator, pairs.iter().all(|(s, d)| s == d)))
+}
+
+/// Names projections the export left anonymous (packed K/V) from the
+/// `config.json` beside the UNet, when there is one that fits.
+fn name_from_config(unet: &Path, projections: &mut [Projection]) {
+    let Some(config) = unet.parent().map(|d| d.join("config.json")) else {
+        return;
+    };
+    let modules = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| UnetLayout::from_json(&text))
+        .and_then(|layout| layout.cross_attention_modules());
+    if let Some(modules) = modules {
+        fill_module_paths(projections, &modules);
+    }
 }
 
 /// Edits already recorded in a model, oldest first.
