@@ -176,10 +176,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let operator_text =
         serde_json::to_string(&operators.iter().map(|(_, m)| m).collect::<Vec<_>>())
             .unwrap_or_default();
-    for (pi, prompt) in prompts.iter().enumerate() {
+    // Every prompt through the text encoder first, then free it: the UNet
+    // loads next and peak memory is the larger of the two, not their sum.
+    let embeddings = prompts
+        .iter()
+        .map(|p| generator.embed(p, &negative_prompt))
+        .collect::<Result<Vec<_>, _>>()?;
+    generator.release_text_encoder();
+    for (pi, (prompt, emb)) in prompts.iter().zip(&embeddings).enumerate() {
         let started = Instant::now();
         let mut progress = progress_printer();
-        let (images, flagged) = generator.generate_checked(prompt, &params, &mut progress)?;
+        let (images, flagged) = generator.generate_embedded(emb, &params, &mut progress)?;
         for (i, f) in flagged.iter().enumerate() {
             if *f {
                 eprintln!(

@@ -8,6 +8,8 @@ pub use library::LoadError;
 use std::path::{Path, PathBuf};
 
 /// A loaded ONNX Runtime and its environment; sessions are created from it.
+/// Cloning shares the environment.
+#[derive(Clone)]
 pub struct Runtime {
     env: ort::environment::Environment,
     library: PathBuf,

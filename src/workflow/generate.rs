@@ -46,6 +46,13 @@ pub enum GenerateError {
     Invalid(String),
 }
 
+/// The sessions of the denoising half: UNet, VAE decoder, safety checker.
+struct Denoiser {
+    unet: Unet,
+    vae: VaeDecoder,
+    safety: Option<SafetyChecker>,
+}
+
 /// Settings of one generation (shared by every prompt of a run).
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -79,11 +86,17 @@ pub struct Generator {
     pub unet_path: PathBuf,
     /// Edits recorded in that UNet, oldest first.
     pub edits: Vec<EditRecord>,
+    runtime: Runtime,
+    opts: SessionOptions,
+    skip_safety: bool,
     tokenizer: ClipTokenizer,
-    text_encoder: TextEncoder,
-    unet: Unet,
-    vae: VaeDecoder,
-    safety: Option<SafetyChecker>,
+    /// Latent (height, width) when the UNet export fixes them.
+    unet_latent_size: Option<(usize, usize)>,
+    // Sessions open on first use, so that a run can embed every prompt and
+    // free the text encoder before the UNet is loaded: peak memory is then
+    // the larger of the two, not their sum.
+    text_encoder: Option<TextEncoder>,
+    denoiser: Option<Denoiser>,
     scheduler_config: SchedulerConfig,
     /// Mᵀ `[d, d] f32` for the composed edit operators, applied to every
     /// token's embedding before the UNet (row form: e' = e·Mᵀ).
@@ -112,19 +125,18 @@ impl Generator {
     ) -> Result<Self, GenerateError> {
         let model = ModelDir::open(model)?;
         let unet_path = unet.map_or_else(|| model.unet.clone(), Path::to_path_buf);
-        let edits = previous_records(&Model::open(&unet_path)?);
+        let unet_model = Model::open(&unet_path)?;
+        let edits = previous_records(&unet_model);
+        let unet_latent_size = latent_size(&unet_model);
         let scheduler_config = SchedulerConfig::from_file(&model.scheduler_config)?;
         Ok(Self {
+            runtime: rt.clone(),
+            opts,
+            skip_safety,
             tokenizer: ClipTokenizer::from_dir(&model.tokenizer)?,
-            text_encoder: TextEncoder::open_with(rt, &model.text_encoder, opts)?,
-            unet: Unet::open(rt, &unet_path, opts)?,
-            vae: VaeDecoder::open(rt, &model.vae_decoder, opts)?,
-            safety: match (&model.safety_checker, skip_safety) {
-                (Some((checker, config)), false) => {
-                    Some(SafetyChecker::open(rt, checker, config, opts)?)
-                }
-                _ => None,
-            },
+            unet_latent_size,
+            text_encoder: None,
+            denoiser: None,
             scheduler_config,
             embedding_edit: None,
             model,
@@ -176,7 +188,52 @@ impl Generator {
 
     /// Whether a safety checker runs on the images.
     pub fn has_safety_checker(&self) -> bool {
-        self.safety.is_some()
+        self.model.safety_checker.is_some() && !self.skip_safety
+    }
+
+    /// Embeds `[negative_prompt, prompt]`: `[2, 77, d] f32`, edit operators applied.
+    pub fn embed(&mut self, prompt: &str, negative_prompt: &str) -> Result<Array3<f32>, GenerateError> {
+        let ids = vec![self.tokenizer.encode_padded(negative_prompt)?, self.tokenizer.encode_padded(prompt)?];
+        let encoder = match &mut self.text_encoder {
+            Some(e) => e,
+            None => self.text_encoder.insert(TextEncoder::open_with(&self.runtime, &self.model.text_encoder, self.opts)?),
+        };
+        let mut emb = encoder.embed(&ids)?;
+        let d = emb.shape()[2];
+        if let Some(mt) = &self.embedding_edit {
+            if mt.nrows() != d {
+                return Err(GenerateError::Mismatch(format!(
+                    "the edit operator is {}-wide, the text encoder gives {d}",
+                    mt.nrows()
+                )));
+            }
+            for mut seq in emb.axis_iter_mut(Axis(0)) {
+                let edited = seq.dot(mt);
+                seq.assign(&edited);
+            }
+        }
+        Ok(emb)
+    }
+
+    /// Frees the text encoder's session; [`Self::embed`] would load it again.
+    pub fn release_text_encoder(&mut self) {
+        self.text_encoder = None;
+    }
+
+    fn denoiser(&mut self) -> Result<&mut Denoiser, GenerateError> {
+        if self.denoiser.is_none() {
+            let (rt, opts) = (&self.runtime, self.opts);
+            let safety = match (&self.model.safety_checker, self.skip_safety) {
+                (Some((checker, config)), false) => Some(SafetyChecker::open(rt, checker, config, opts)?),
+                _ => None,
+            };
+            self.denoiser = Some(Denoiser {
+                unet: Unet::open(rt, &self.unet_path, opts)?,
+                vae: VaeDecoder::open(rt, &self.model.vae_decoder, opts)?,
+                safety,
+            });
+        }
+        self.denoiser.as_mut().ok_or_else(|| GenerateError::Invalid("no denoiser".into()))
     }
 
     /// Replaces the folder's `scheduler/scheduler_config.json`.
@@ -188,7 +245,7 @@ impl Generator {
     /// (its config, else its fixed input dims, else SD's 64) times the VAE factor.
     pub fn default_size(&self) -> (usize, usize) {
         let f = self.model.vae_factor;
-        let (h, w) = match (self.model.unet_sample_size, self.unet.latent_size()) {
+        let (h, w) = match (self.model.unet_sample_size, self.unet_latent_size) {
             (Some(s), _) => (s, s),
             (None, Some(hw)) => hw,
             (None, None) => (64, 64),
@@ -225,6 +282,18 @@ impl Generator {
         p: &Params,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Array4<f32>, Vec<bool>), GenerateError> {
+        let emb = self.embed(prompt, &p.negative_prompt)?;
+        self.generate_embedded(&emb, p, progress)
+    }
+
+    /// [`Self::generate_checked`] from embeddings `[2, 77, d] f32` (negative,
+    /// prompt) made by [`Self::embed`].
+    pub fn generate_embedded(
+        &mut self,
+        emb: &Array3<f32>,
+        p: &Params,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Array4<f32>, Vec<bool>), GenerateError> {
         let f = self.model.vae_factor;
         if p.height == 0
             || p.width == 0
@@ -244,26 +313,11 @@ impl Generator {
         let n = p.num_images;
         let guided = p.guidance > 1.0;
 
-        // Text: one encoder run for [uncond, cond].
-        let ids = vec![
-            self.tokenizer.encode_padded(&p.negative_prompt)?,
-            self.tokenizer.encode_padded(prompt)?,
-        ];
-        let mut emb = self.text_encoder.embed(&ids)?;
         let d = emb.shape()[2];
-        if let Some(mt) = &self.embedding_edit {
-            if mt.nrows() != d {
-                return Err(GenerateError::Mismatch(format!(
-                    "the edit operator is {}-wide, the text encoder gives {d}",
-                    mt.nrows()
-                )));
-            }
-            for mut seq in emb.axis_iter_mut(Axis(0)) {
-                let edited = seq.dot(mt);
-                seq.assign(&edited);
-            }
-        }
-        if let Some(w) = self.unet.text_width()
+        let vae_scale = self.model.vae_scaling_factor;
+        let scheduler_config = self.scheduler_config.clone();
+        let den = self.denoiser()?;
+        if let Some(w) = den.unet.text_width()
             && w != d
         {
             return Err(GenerateError::Mismatch(format!(
@@ -289,11 +343,14 @@ impl Generator {
             Some(l) => broadcast_latents(l, shape)?,
             None => rng.randn(&shape),
         };
-        let kind = self.scheduler_kind(p)?;
-        let mut sched = schedulers::build(&self.scheduler_config, kind, p.steps, p.eta)?;
+        let kind = match p.scheduler {
+            Some(k) => k,
+            None => scheduler_config.kind()?,
+        };
+        let mut sched = schedulers::build(&scheduler_config, kind, p.steps, p.eta)?;
         let mut x: ArrayD<f32> = latents.mapv(|v| v * sched.init_noise_sigma() as f32);
         let timesteps = sched.timesteps().to_vec();
-        self.unet.bind_hidden(hidden.view())?;
+        den.unet.bind_hidden(hidden.view())?;
         for (call, &t) in timesteps.iter().enumerate() {
             let input = sched.scale_model_input(x.view(), call)?;
             let batch = if guided {
@@ -305,7 +362,7 @@ impl Generator {
             let batch = batch
                 .into_dimensionality()
                 .map_err(|e| GenerateError::Invalid(e.to_string()))?;
-            let eps = self.unet.predict_bound(batch.view(), t)?.into_dyn();
+            let eps = den.unet.predict_bound(batch.view(), t)?.into_dyn();
             let eps = if guided {
                 let (u, c) = eps.view().split_at(Axis(0), n);
                 &u + &((&c - &u) * p.guidance as f32)
@@ -318,10 +375,8 @@ impl Generator {
         let x: Array4<f32> = x
             .into_dimensionality()
             .map_err(|e| GenerateError::Invalid(e.to_string()))?;
-        let images = self
-            .vae
-            .decode(x.mapv(|v| v / self.model.vae_scaling_factor).view())?;
-        match &mut self.safety {
+        let images = den.vae.decode(x.mapv(|v| v / vae_scale).view())?;
+        match &mut den.safety {
             Some(checker) => Ok(checker.check(images.view())?),
             None => Ok((images, vec![false; n])),
         }
@@ -340,4 +395,17 @@ fn broadcast_latents(l: &ArrayD<f32>, shape: [usize; 4]) -> Result<ArrayD<f32>, 
     Err(GenerateError::Invalid(format!(
         "latents have shape {s:?}, expected {shape:?} (or batch 1)"
     )))
+}
+
+/// The UNet's fixed latent (height, width), read from its `sample` input.
+fn latent_size(unet: &Model) -> Option<(usize, usize)> {
+    use crate::onnx::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
+    let input = unet.graph().ok()?.input.iter().find(|i| i.name == "sample")?;
+    let Some(Value::TensorType(t)) = input.r#type.as_ref()?.value.as_ref() else { return None };
+    let dims = &t.shape.as_ref()?.dim;
+    let fixed = |i: usize| match dims.get(i)?.value.as_ref()? {
+        Dim::DimValue(v) if *v > 0 => usize::try_from(*v).ok(),
+        _ => None,
+    };
+    Some((fixed(2)?, fixed(3)?))
 }
