@@ -83,6 +83,7 @@ fn cpu() -> SessionOptions {
     SessionOptions {
         device: Device::Cpu,
         threads: Some(1),
+        ..SessionOptions::default()
     }
 }
 

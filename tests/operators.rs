@@ -63,6 +63,7 @@ fn images(flavour: &str, unet: Option<&Path>, ops: &[PathBuf]) -> ArrayD<f32> {
     let opts = SessionOptions {
         device: Device::Cpu,
         threads: Some(1),
+        ..SessionOptions::default()
     };
     let mut g = Generator::open(
         &rt,
@@ -254,6 +255,7 @@ fn operator_from_another_text_encoder_needs_force() {
     let opts = SessionOptions {
         device: Device::Cpu,
         threads: Some(1),
+        ..SessionOptions::default()
     };
     let mut g = Generator::open(
         &rt,

@@ -93,6 +93,7 @@ fn checker_flags_and_blacks_out_as_the_reference() {
         SessionOptions {
             device: Device::Cpu,
             threads: Some(1),
+            ..SessionOptions::default()
         },
     )
     .unwrap();

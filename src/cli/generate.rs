@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use time_onnx::edit::operator_file;
 use time_onnx::pipeline::png::{read_npy, write_npy, write_png};
 use time_onnx::pipeline::schedulers::SchedulerKind;
-use time_onnx::runtime::{Device, Runtime, SessionOptions};
+use time_onnx::runtime::{Device, GraphOptimization, Runtime, SessionOptions};
 use time_onnx::workflow::generate::{Generator, Params};
 
 /// Arguments of `generate`.
@@ -76,6 +76,10 @@ pub struct GenerateArgs {
     /// Do not run the model folder's safety checker (when it has one).
     #[arg(long)]
     no_safety_checker: bool,
+    /// ONNX Runtime's graph optimization: "extended" loads SD 1.x's UNet in ~1.4 s on 2 cores;
+    /// "all" (ORT's and diffusers' default) takes 4–8 s more and is ~4% faster per step.
+    #[arg(long, value_enum, default_value_t = GraphOptArg::Extended)]
+    graph_opt: GraphOptArg,
     /// Intra-op threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -85,6 +89,12 @@ pub struct GenerateArgs {
 enum OutputType {
     Png,
     Npy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GraphOptArg {
+    Extended,
+    All,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,6 +130,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eta,
         device,
         no_safety_checker,
+        graph_opt,
         threads,
     } = args;
     let prompts: Vec<String> = match (prompt, prompts) {
@@ -147,7 +158,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let rt = Runtime::load()?;
     let device = resolve_device(&rt, device)?;
-    let opts = SessionOptions { device, threads };
+    let optimization = match graph_opt {
+        GraphOptArg::Extended => GraphOptimization::Extended,
+        GraphOptArg::All => GraphOptimization::All,
+    };
+    let opts = SessionOptions {
+        device,
+        threads,
+        optimization,
+    };
     let mut generator =
         Generator::open_with_safety(&rt, &model, unet.as_deref(), opts, no_safety_checker)
             .with_context(|| format!("loading {}", model.display()))?;

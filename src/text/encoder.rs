@@ -29,7 +29,7 @@ impl TextEncoder {
             path,
             SessionOptions {
                 device: Device::Cpu,
-                threads: None,
+                ..SessionOptions::default()
             },
         )
     }

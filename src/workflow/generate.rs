@@ -192,11 +192,22 @@ impl Generator {
     }
 
     /// Embeds `[negative_prompt, prompt]`: `[2, 77, d] f32`, edit operators applied.
-    pub fn embed(&mut self, prompt: &str, negative_prompt: &str) -> Result<Array3<f32>, GenerateError> {
-        let ids = vec![self.tokenizer.encode_padded(negative_prompt)?, self.tokenizer.encode_padded(prompt)?];
+    pub fn embed(
+        &mut self,
+        prompt: &str,
+        negative_prompt: &str,
+    ) -> Result<Array3<f32>, GenerateError> {
+        let ids = vec![
+            self.tokenizer.encode_padded(negative_prompt)?,
+            self.tokenizer.encode_padded(prompt)?,
+        ];
         let encoder = match &mut self.text_encoder {
             Some(e) => e,
-            None => self.text_encoder.insert(TextEncoder::open_with(&self.runtime, &self.model.text_encoder, self.opts)?),
+            None => self.text_encoder.insert(TextEncoder::open_with(
+                &self.runtime,
+                &self.model.text_encoder,
+                self.opts,
+            )?),
         };
         let mut emb = encoder.embed(&ids)?;
         let d = emb.shape()[2];
@@ -224,7 +235,9 @@ impl Generator {
         if self.denoiser.is_none() {
             let (rt, opts) = (&self.runtime, self.opts);
             let safety = match (&self.model.safety_checker, self.skip_safety) {
-                (Some((checker, config)), false) => Some(SafetyChecker::open(rt, checker, config, opts)?),
+                (Some((checker, config)), false) => {
+                    Some(SafetyChecker::open(rt, checker, config, opts)?)
+                }
                 _ => None,
             };
             self.denoiser = Some(Denoiser {
@@ -233,7 +246,9 @@ impl Generator {
                 safety,
             });
         }
-        self.denoiser.as_mut().ok_or_else(|| GenerateError::Invalid("no denoiser".into()))
+        self.denoiser
+            .as_mut()
+            .ok_or_else(|| GenerateError::Invalid("no denoiser".into()))
     }
 
     /// Replaces the folder's `scheduler/scheduler_config.json`.
@@ -400,8 +415,15 @@ fn broadcast_latents(l: &ArrayD<f32>, shape: [usize; 4]) -> Result<ArrayD<f32>, 
 /// The UNet's fixed latent (height, width), read from its `sample` input.
 fn latent_size(unet: &Model) -> Option<(usize, usize)> {
     use crate::onnx::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
-    let input = unet.graph().ok()?.input.iter().find(|i| i.name == "sample")?;
-    let Some(Value::TensorType(t)) = input.r#type.as_ref()?.value.as_ref() else { return None };
+    let input = unet
+        .graph()
+        .ok()?
+        .input
+        .iter()
+        .find(|i| i.name == "sample")?;
+    let Some(Value::TensorType(t)) = input.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
     let dims = &t.shape.as_ref()?.dim;
     let fixed = |i: usize| match dims.get(i)?.value.as_ref()? {
         Dim::DimValue(v) if *v > 0 => usize::try_from(*v).ok(),
