@@ -12,76 +12,55 @@ Contenders, side by side on the same input files, each in its own process:
   (C)  the Python route: a fresh python process doing transformers' CLIPTokenizer + the text encoder through
        onnxruntime (4 augmented pairs, one batch), the TIME solve in numpy, onnx.load (external data),
        32 K/V initializers replaced through numpy_helper, onnx.save_model into one weights.pb.
+  (D)  <release binary> time-onnx edit --model <model> --src ... --dst ... --save-operator <tmp>/op.safetensors
+           the edit as an operator only: no UNet read or written (text encoder, solve, fingerprint, file)
 
 Method: `cargo build --release` first (of the working tree; with --rev REV, of that commit exported by
 `git archive` into third_party/bench-edit-build/, with its own target folder, so work in progress in the
 shared tree is neither measured nor disturbed); then every contender runs once untimed (warms the page cache),
-then `--runs` timed rounds, each round running A, A', B, C in turn; the median is reported. Before
+then `--runs` timed rounds, each round running A, A', B, C, D in turn; the median is reported. Before
 every run the previous output is deleted, `sync` is called, and the script waits for 2 idle seconds on
 the machine (none of it timed), so no run pays for another's write-back. Wall time is measured around the
 process; peak RSS comes from GNU time (/usr/bin/time -f %M; wait4()'s ru_maxrss as a fallback); the
-CPU time other processes used during each run is recorded (the machine is shared). (B) is then run once
-more with -v for its stage split.
+CPU time other processes used during each run is recorded (the machine is shared). (B) and (D) are then
+run once more with -v for their stage split.
 
 Models: --model (default third_party/sd14-random, built by scripts/make_full_size_model.py when missing)
 and --tiny (default tests/fixtures/sd-tiny/diffusers-onnx), both in diffusers' convert-script layout.
 
-Like scripts/make_fixtures.py, the script runs inside third_party/venv-fixtures (created when missing).
+Like scripts/make_fixtures.py, the script runs inside third_party/venv-fixtures (created when missing;
+scripts/_venv.py).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / "third_party" / "venv-fixtures"
-REQS = REPO / "scripts" / "requirements-fixtures.txt"
+import _venv  # scripts/_venv.py: own venv (third_party/venv-fixtures), re-exec inside it
 
-
-def _bootstrap() -> None:
-    """Same as scripts/make_fixtures.py: own venv, re-exec inside it."""
-    vpy = VENV / "bin" / "python"
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    stamp = VENV / ".requirements.sha256"
-    want = hashlib.sha256(REQS.read_bytes()).hexdigest()
-    if not vpy.exists():
-        print(f"[bootstrap] creating venv {VENV}", flush=True)
-        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
-    if not stamp.exists() or stamp.read_text().strip() != want:
-        print(f"[bootstrap] installing {REQS.name} into the venv (takes a few minutes)", flush=True)
-        subprocess.check_call([str(vpy), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                               "-r", str(REQS)])
-        stamp.write_text(want + "\n")
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    os.execve(str(vpy), [str(vpy), str(Path(__file__).resolve()), *sys.argv[1:]], env)
-
+REPO = _venv.REPO
+VENV = _venv.VENV
 
 if __name__ == "__main__":
-    _bootstrap()
+    _venv.bootstrap(__file__, hf_env=False)  # the children get their environment explicitly
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+from _bench import (ANSI_RE, BENCH_MD, Result, build_time_onnx, binary_env, loadavg,  # noqa: E402
+                    machine_facts, quiet_summary, rm, run_measured, say, verdict, wait_quiet, write_section)
+
 SRC = "A pack of roses"
 DST = "A pack of blue roses"
 LAMBDA = 0.1
 AUGS = ["A photo of ", "An image of ", "A picture of "]  # diffusers' AUGS_CONST
-BIN = REPO / "target" / "release" / "time-onnx"
-BUILD_DIR = REPO / "third_party" / "bench-edit-build"
-ORT_LIB = REPO / "third_party" / "onnxruntime" / "libonnxruntime.so.1"
-BENCH_MD = REPO / "BENCHMARKS.md"
 
 
 # ======================================================================================
@@ -164,77 +143,6 @@ def python_route(unet_path: str, out_dir: str) -> None:
 # ======================================================================================
 # measurement
 # ======================================================================================
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class Result:
-    def __init__(self, wall: float, cpu: float, rss_kb: int, rc: int, stdout: str, stderr: str, foreign: float):
-        self.wall, self.cpu, self.rss_kb, self.rc, self.stdout, self.stderr = wall, cpu, rss_kb, rc, stdout, stderr
-        self.foreign = foreign  # CPU seconds used by everything else on the machine during the run
-
-
-GNU_TIME = Path("/usr/bin/time")
-
-
-def busy_cpu_seconds() -> float:
-    """Machine-wide non-idle CPU time (all cores) from /proc/stat."""
-    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-QUIET_WAITS: list[float] = []  # seconds waited for a quiet machine before each run; None-free
-
-
-def wait_quiet(limit: float = 120.0, threshold: float = 0.15, need: int = 2) -> float:
-    """Waits until the machine has been idle (< `threshold` busy CPU-seconds per second, all cores) for
-    `need` consecutive seconds, at most `limit` seconds. Returns the time waited (limit = gave up)."""
-    t0 = time.perf_counter()
-    quiet = 0
-    while quiet < need and time.perf_counter() - t0 < limit:
-        b0 = busy_cpu_seconds()
-        time.sleep(1.0)
-        quiet = quiet + 1 if busy_cpu_seconds() - b0 < threshold else 0
-    waited = time.perf_counter() - t0
-    QUIET_WAITS.append(waited)
-    return waited
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> Result:
-    """Wall time around the process; peak RSS from GNU time when present (a child forked from this
-    Python process would otherwise inherit this process's RSS into its ru_maxrss), else wait4()."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe, \
-            tempfile.NamedTemporaryFile(suffix=".time") as ft:
-        full = [str(GNU_TIME), "-f", "%M", "-o", ft.name, *cmd] if GNU_TIME.exists() else cmd
-        busy0 = busy_cpu_seconds()
-        t = time.perf_counter()
-        p = subprocess.Popen(full, stdout=fo, stderr=fe, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        busy = busy_cpu_seconds() - busy0
-        rc = os.waitstatus_to_exitcode(status)
-        cpu = ru.ru_utime + ru.ru_stime
-        rss_kb = ru.ru_maxrss
-        if GNU_TIME.exists():
-            lines = Path(ft.name).read_text().split()
-            if lines and lines[-1].isdigit():
-                rss_kb = int(lines[-1])
-        fo.seek(0)
-        fe.seek(0)
-        return Result(wall, cpu, rss_kb, rc, fo.read().decode(errors="replace"), fe.read().decode(errors="replace"),
-                      max(0.0, busy - cpu))
-
-
-def rm(p: Path) -> None:
-    if p.is_symlink() or p.is_file():
-        p.unlink()
-    elif p.exists():
-        shutil.rmtree(p)
-
-
 class Contender:
     def __init__(self, key: str, label: str, cmd: list[str], out: Path, mkdir: Path | None = None,
                  env: dict | None = None):
@@ -289,7 +197,6 @@ class Contender:
 
 
 TIMINGS_RE = re.compile(r"timings: (.*)")
-ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def parse_split(stderr: str) -> tuple[str, dict[str, float]]:
@@ -315,9 +222,9 @@ def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: 
     py_env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     b_cmd = [str(binary), "edit", str(unet), "--src", SRC, "--dst", DST, "-o", str(work / "out" / "model.onnx")]
-    b_env = dict(os.environ)
-    if ORT_LIB.exists() and binary != BIN:  # a build outside the repo does not find third_party/ by itself
-        b_env["ORT_DYLIB_PATH"] = str(ORT_LIB)
+    b_env = binary_env(binary)
+    d_cmd = [str(binary), "edit", "--model", str(model), "--src", SRC, "--dst", DST, "--save-operator",
+             str(work / "op.safetensors")]
     unet_files = sorted(p.name for p in (model / "unet").iterdir())
     contenders = [
         Contender("A", "cp -r", ["cp", "-r", str(model / "unet"), str(work / "unet_copy")], work / "unet_copy"),
@@ -327,6 +234,7 @@ def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: 
         Contender("B", "time-onnx edit", b_cmd, work / "out", mkdir=work / "out", env=b_env),
         Contender("C", "Python route", [vpy, str(Path(__file__).resolve()), "--python-route", str(unet),
                                         str(work / "py_out")], work / "py_out", env=py_env),
+        Contender("D", "time-onnx edit --save-operator", d_cmd, work / "op.safetensors", env=b_env),
     ]
     say(f"== {name}: {model} (UNet folder {sum(f.stat().st_size for f in (model / 'unet').iterdir()) / 2**20:.0f} MiB)")
     for c in contenders:
@@ -335,62 +243,29 @@ def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: 
         say(f" round {r + 1}/{runs}")
         for c in contenders:
             c.run(timed=True)
-    # the split, from one more -v run
-    b = contenders[2]
-    b.prepare()
-    rv = run_measured([b_cmd[0], "-v", *b_cmd[1:]], b_env)
-    if rv.rc != 0:
-        raise SystemExit(f"time-onnx -v failed:\n{rv.stderr}")
-    rm(b.out)
-    line, split = parse_split(rv.stderr)
-    say(f"  B -v: {rv.wall:.2f} s; {line}")
+    # the splits, from one more -v run of B and of D
+    splits = {}
+    for c in (contenders[2], contenders[4]):
+        c.prepare()
+        rv = run_measured([c.cmd[0], "-v", *c.cmd[1:]], c.env)
+        if rv.rc != 0:
+            raise SystemExit(f"time-onnx -v failed:\n{rv.stderr}")
+        rm(c.out)
+        line, split = parse_split(rv.stderr)
+        say(f"  {c.key} -v: {rv.wall:.2f} s; {line}")
+        splits[c.key] = (line, split, rv.wall)
+    b, d = contenders[2], contenders[4]
     stdout_b = re.sub(r"; wrote .*", "", ANSI_RE.sub("", b.runs[-1].stdout).strip())
-    return {"key": key, "name": name, "model": model, "contenders": {c.key: c for c in contenders}, "split_line": line,
-            "split": split, "split_wall": rv.wall, "b_stdout": stdout_b,
-            "c_stdout": contenders[3].runs[-1].stdout.strip()}
+    stdout_d = re.sub(r" written to .*", "", ANSI_RE.sub("", d.runs[-1].stdout).strip())
+    return {"key": key, "name": name, "model": model, "contenders": {c.key: c for c in contenders},
+            "split_line": splits["B"][0], "split": splits["B"][1], "split_wall": splits["B"][2],
+            "d_split_line": splits["D"][0], "d_split": splits["D"][1], "d_split_wall": splits["D"][2],
+            "b_stdout": stdout_b, "d_stdout": stdout_d, "c_stdout": contenders[3].runs[-1].stdout.strip()}
 
 
 # ======================================================================================
 # report
 # ======================================================================================
-def sh(cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True, check=True).stdout.strip()
-    except subprocess.CalledProcessError:
-        return "?"
-
-
-def machine_facts(tmp: Path) -> dict:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = "?"
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal"):
-            mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    import numpy
-    import onnx
-    import onnxruntime
-    return {
-        "nproc": sh("nproc"),
-        "cpu": cpu,
-        "mem": mem,
-        "fs": sh(f"findmnt -n -o FSTYPE -T {shlex.quote(str(tmp))}") or sh(f"stat -f -c %T {shlex.quote(str(tmp))}"),
-        "kernel": platform.release(),
-        "rustc": sh("rustc --version"),
-        "python": platform.python_version(),
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
 def render(results: list[dict], facts: dict, command: str, runs: int, build_s: float, tmp: Path,
            build_what: str) -> str:
     today = datetime.date.today().isoformat()
@@ -405,7 +280,7 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
                f"{facts['load'][1]} after; {facts['quiet']} (other processes on the shared machine are not "
                f"controlled, see the \"others' CPU\" column).")
     out.append("")
-    out.append(f"Method: each contender runs once untimed (page cache warm), then {runs} timed rounds run A, A', B, C "
+    out.append(f"Method: each contender runs once untimed (page cache warm), then {runs} timed rounds run A, A', B, C, D "
                "in turn; medians are reported. Every run is its own process; before each, the previous output is "
                "deleted, `sync` is called, and the script waits until the machine has been idle for 2 s (at most "
                "120 s; none of this is timed). Wall time is measured around the process, peak RSS is "
@@ -426,6 +301,10 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
                "`encoder_hidden_states`) replaced through `numpy_helper`, `onnx.save_model(..., "
                "save_as_external_data=True, all_tensors_to_one_file=True, location=\"weights.pb\")`. "
                "Code: `python_route()` in `scripts/bench_edit.py`.")
+    out.append(f"- **D** `time-onnx edit --model <model> --src \"{SRC}\" --dst \"{DST}\" --save-operator "
+               "<tmp>/op.safetensors`: the edit as an operator (the d×d matrix A, for `generate --edit`), no UNet "
+               "read or written: tokenizer, text encoder run, solve, SHA-256 fingerprint of the text encoder's "
+               "weights, operator file.")
     out.append("")
     for r in results:
         c = r["contenders"]
@@ -438,7 +317,7 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
         out.append(f"| contender | median wall (s) | runs (s) | min (s) | CPU user+sys, median (s) | others' CPU during a "
                    f"run, max (s) | peak RSS, median (MiB) |")
         out.append("|---|---:|---|---:|---:|---:|---:|")
-        for k in ("A", "A'", "B", "C"):
+        for k in ("A", "A'", "B", "C", "D"):
             x = c[k]
             runs_s = ", ".join(f"{q.wall:.3f}" for q in x.runs)
             out.append(f"| {k}: {x.label} | {x.median_wall:.3f} | {runs_s} | {x.min_wall:.3f} | {x.median_cpu:.2f} | {x.max_foreign:.2f} | "
@@ -449,6 +328,9 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
         b_wall, a_wall, ap_wall, c_wall = c["B"].median_wall, c["A"].median_wall, c["A'"].median_wall, c["C"].median_wall
         b_minus_te = b_wall - te_s
         out.append(f"Split of B (one extra `-v` run, {r['split_wall']:.2f} s wall): `{r['split_line']}`")
+        out.append("")
+        out.append(f"Split of D (one extra `-v` run, {r['d_split_wall']:.2f} s wall): `{r['d_split_line']}`; "
+                   f"D printed: \"{r['d_stdout'].splitlines()[-1] if r['d_stdout'] else ''}\".")
         out.append("")
         if r["key"] == "full":
             out.append("| target | measured | verdict |")
@@ -480,25 +362,21 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
                 sa, sa_from = float("nan"), "no solve/apply timing in the -v line"
             out.append(f"| solve + apply to all 32 K/V matrices (d = 768) < 150 ms | {sa:.0f} ms ({sa_from} "
                        f"of the -v run) | {verdict(sa < 150)}{'' if sa < 150 else f' by {sa / 150:.1f} × ({sa - 150:.0f} ms over)'} |")
+            d_wall = c["D"].median_wall
+            d_max = max(x.wall for x in c["D"].runs)
+            ok = d_wall < 2.0
+            out.append(f"| D (operator, no UNet) end to end < 2 s | median {d_wall:.2f} s (runs "
+                       f"{', '.join(f'{x.wall:.2f}' for x in c['D'].runs)}; slowest {d_max:.2f} s); B − D = "
+                       f"{b_wall - d_wall:.2f} s is what the UNet costs | {verdict(ok)}"
+                       f"{'' if ok else f' by {d_wall - 2.0:.2f} s'} |")
             out.append("")
         else:
             out.append(f"Ratios (no targets for this model; A takes a few ms, so the first ratio measures fixed costs): "
                        f"(B − text encoder) / A = {b_minus_te / a_wall:.1f} ×; C / B = {c_wall / b_wall:.2f} ×; "
-                       f"peak RSS B {c['B'].max_rss:,.0f} MiB, C {c['C'].median_rss:,.0f} MiB.")
+                       f"peak RSS B {c['B'].max_rss:,.0f} MiB, C {c['C'].median_rss:,.0f} MiB; D (operator) "
+                       f"{c['D'].median_wall:.3f} s, {c['D'].max_rss:,.0f} MiB.")
             out.append("")
     return "\n".join(out).rstrip() + "\n"
-
-
-def write_section(section: str) -> None:
-    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
-    text = text.replace("No figures yet: the edit and generate benchmarks land with those commands.",
-                        "The generate benchmark lands with that command.")
-    m = re.search(r"^## edit\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    if m:
-        text = text[:m.start()] + section + ("\n" if text[m.end():] else "") + text[m.end():]
-    else:
-        text = text.rstrip() + "\n\n" + section
-    BENCH_MD.write_text(text)
 
 
 # ======================================================================================
@@ -523,39 +401,10 @@ def main() -> int:
     if not (model / "unet" / "weights.pb").exists():
         say(f"{model} missing: building it with scripts/make_full_size_model.py")
         subprocess.check_call([sys.executable, str(REPO / "scripts" / "make_full_size_model.py"), "--out", str(model)])
-    t = time.perf_counter()
-    if args.rev:
-        rev = sh(f"git -C {shlex.quote(str(REPO))} rev-parse --verify {shlex.quote(args.rev + '^{commit}')}")
-        if rev == "?":
-            raise SystemExit(f"unknown revision {args.rev!r}")
-        src = BUILD_DIR / "src"
-        stamp = BUILD_DIR / "src.rev"
-        if not (stamp.exists() and stamp.read_text().strip() == rev):
-            rm(src)
-            src.mkdir(parents=True)
-            say(f"exporting {rev[:12]} to {src}")
-            subprocess.run(f"git -C {shlex.quote(str(REPO))} archive {rev} | tar -x -C {shlex.quote(str(src))}",
-                           shell=True, check=True)
-            stamp.write_text(rev + "\n")
-        say(f"cargo build --release (commit {rev[:12]}, target {BUILD_DIR / 'target'})")
-        env = dict(os.environ, CARGO_TARGET_DIR=str(BUILD_DIR / "target"))
-        subprocess.check_call(["cargo", "build", "--release", "--quiet", "--bin", "time-onnx"], cwd=src, env=env)
-        binary = BUILD_DIR / "target" / "release" / "time-onnx"
-        build_what = f"commit {rev[:12]} (`git archive` export, `--rev {args.rev}`)"
-    else:
-        say("cargo build --release (working tree)")
-        subprocess.check_call(["cargo", "build", "--release", "--quiet"], cwd=REPO)
-        binary = BIN
-        head = sh(f"git -C {shlex.quote(str(REPO))} rev-parse --short=12 HEAD")
-        dirty = sh(f"git -C {shlex.quote(str(REPO))} status --porcelain -- src Cargo.toml Cargo.lock")
-        build_what = f"the working tree at commit {head}" + (
-            " **with uncommitted changes** under src/ or Cargo.* (rerun with --rev HEAD to measure a commit)"
-            if dirty not in ("", "?") else " (clean)")
-    build_s = time.perf_counter() - t
-    say(f"built in {build_s:.1f} s: {build_what}")
+    binary, build_what, build_s = build_time_onnx(args.rev)
 
     tmp.mkdir(parents=True, exist_ok=True)
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    load_before = loadavg()
     results = []
     try:
         results.append(bench_model("full", "full size (SD 1.4 architecture, random weights, fp32)", model, tmp, args.runs, binary))
@@ -563,15 +412,13 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     facts = machine_facts(tmp.parent)
-    gave_up = sum(1 for w in QUIET_WAITS if w >= 120.0)
-    facts["quiet"] = (f"waiting for an idle machine took {statistics.median(QUIET_WAITS):.1f} s median, "
-                      f"{max(QUIET_WAITS):.1f} s at most; gave up {gave_up} time(s)") if QUIET_WAITS else "no runs"
-    facts["load"] = (" ".join(load_before), " ".join(Path("/proc/loadavg").read_text().split()[:3]))
+    facts["quiet"] = quiet_summary()
+    facts["load"] = (load_before, loadavg())
     section = render(results, facts, command, args.runs, build_s, tmp, build_what)
     print()
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("edit", section)
         say(f"wrote the 'edit' section of {BENCH_MD}")
     return 0
 

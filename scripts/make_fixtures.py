@@ -7,56 +7,23 @@ Everything is built from seeded random weights; nothing is downloaded from a mod
     python3 scripts/make_fixtures.py --check    # rebuild into a temp folder, compare by value
 
 The script creates its own virtual environment (third_party/venv-fixtures, pinned by
-scripts/requirements-fixtures.txt) and re-executes itself inside it.
+scripts/requirements-fixtures.txt) and re-executes itself inside it (scripts/_venv.py).
 See tests/fixtures/README.md for the description of every file written.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / "third_party" / "venv-fixtures"
-REQS = REPO / "scripts" / "requirements-fixtures.txt"
+import _venv  # scripts/_venv.py: own venv (third_party/venv-fixtures), re-exec inside it, HF offline env
 
-
-# --------------------------------------------------------------------------------------
-# bootstrap: own venv, re-exec inside it
-# --------------------------------------------------------------------------------------
-def _bootstrap() -> None:
-    vpy = VENV / "bin" / "python"
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    stamp = VENV / ".requirements.sha256"
-    want = hashlib.sha256(REQS.read_bytes()).hexdigest()
-    if not vpy.exists():
-        print(f"[bootstrap] creating venv {VENV}", flush=True)
-        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
-    if not stamp.exists() or stamp.read_text().strip() != want:
-        print(f"[bootstrap] installing {REQS.name} into the venv (takes a few minutes)", flush=True)
-        subprocess.check_call([str(vpy), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                               "-r", str(REQS)])
-        stamp.write_text(want + "\n")
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    os.execve(str(vpy), [str(vpy), str(Path(__file__).resolve()), *sys.argv[1:]], env)
-
+REPO = _venv.REPO
 
 if __name__ == "__main__":
-    _bootstrap()
+    _venv.bootstrap(__file__)
 
-# ---- from here on we run inside the venv ----------------------------------------------
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["DIFFUSERS_VERBOSITY"] = "error"
-os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
-os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# ---- from here on we run inside the venv (HF_HUB_OFFLINE=1 etc. set by _venv.bootstrap) ----
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
