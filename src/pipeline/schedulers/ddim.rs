@@ -81,23 +81,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn sigmas(&self) -> Option<&[f64]> {
-        None
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(
-        &self,
-        sample: ArrayViewD<'_, f32>,
-        call: usize,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.check_range(call)?;
-        Ok(sample.to_owned())
-    }
-
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

@@ -11,7 +11,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 use super::schedule::{NoiseSchedule, TimestepSpacing, interp, spaced_timesteps};
 use super::{
     Calls, FinalSigmas, InterpolationType, PredictionType, Scheduler, SchedulerError,
-    SchedulerKind, Settings, TimestepType, scale_by_sigma, sigma_x0,
+    SchedulerKind, Settings, TimestepType, sigma_x0,
 };
 
 /// Euler state for one run.
@@ -153,13 +153,8 @@ impl Scheduler for Euler {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(
-        &self,
-        sample: ArrayViewD<'_, f32>,
-        call: usize,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.check_range(call)?;
-        Ok(scale_by_sigma(sample, self.sigmas[call]))
+    fn input_sigma(&self, call: usize) -> Option<f64> {
+        Some(self.sigmas[call])
     }
 
     fn step(

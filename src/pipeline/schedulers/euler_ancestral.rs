@@ -11,7 +11,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 use super::euler::SigmaSchedule;
 use super::{
     Calls, FinalSigmas, PredictionType, Scheduler, SchedulerError, SchedulerKind, Settings,
-    draw_noise, scale_by_sigma, sigma_x0,
+    draw_noise, sigma_x0,
 };
 
 /// Euler ancestral state for one run.
@@ -57,13 +57,8 @@ impl Scheduler for EulerAncestral {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(
-        &self,
-        sample: ArrayViewD<'_, f32>,
-        call: usize,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.check_range(call)?;
-        Ok(scale_by_sigma(sample, self.sigmas[call]))
+    fn input_sigma(&self, call: usize) -> Option<f64> {
+        Some(self.sigmas[call])
     }
 
     fn step(

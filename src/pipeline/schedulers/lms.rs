@@ -12,7 +12,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 use super::euler::SigmaSchedule;
 use super::{
     Calls, FinalSigmas, PredictionType, Scheduler, SchedulerError, SchedulerKind, Settings,
-    scale_by_sigma, sigma_x0,
+    sigma_x0,
 };
 
 /// diffusers' default `order` argument of `LMSDiscreteScheduler.step`.
@@ -87,13 +87,8 @@ impl Scheduler for Lms {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(
-        &self,
-        sample: ArrayViewD<'_, f32>,
-        call: usize,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.check_range(call)?;
-        Ok(scale_by_sigma(sample, self.sigmas[call]))
+    fn input_sigma(&self, call: usize) -> Option<f64> {
+        Some(self.sigmas[call])
     }
 
     fn step(

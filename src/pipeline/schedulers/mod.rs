@@ -78,12 +78,22 @@ pub trait Scheduler: Send + fmt::Debug {
     /// float32 values as diffusers' `sigmas`), for the σ-parameterised
     /// schedulers (Euler, Euler ancestral, LMS, DPM-Solver); `None` for PNDM and
     /// DDIM, which work with ᾱ directly.
-    fn sigmas(&self) -> Option<&[f64]>;
+    fn sigmas(&self) -> Option<&[f64]> {
+        None
+    }
 
     /// Standard deviation of the initial latents: multiply N(0, 1) noise by it
     /// (1 for PNDM, DDIM and DPM-Solver; σ_max, or √(σ_max² + 1) with
     /// `leading` spacing, for Euler, Euler ancestral and LMS).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    /// The σ that scales the UNet input of call `call` (Euler, Euler
+    /// ancestral, LMS); `None` when the input is the sample itself.
+    fn input_sigma(&self, _call: usize) -> Option<f64> {
+        None
+    }
 
     /// The UNet input for call `call`: `sample` `[b, c, h, w] f32` scaled as the
     /// scheduler needs (x/√(σ² + 1) for Euler, Euler ancestral and LMS; a copy
@@ -92,7 +102,16 @@ pub trait Scheduler: Send + fmt::Debug {
         &self,
         sample: ArrayViewD<'_, f32>,
         call: usize,
-    ) -> Result<ArrayD<f32>, SchedulerError>;
+    ) -> Result<ArrayD<f32>, SchedulerError> {
+        let calls = self.timesteps().len();
+        if call >= calls {
+            return Err(SchedulerError::CallOutOfRange { call, calls });
+        }
+        Ok(match self.input_sigma(call) {
+            Some(sigma) => scale_by_sigma(sample, sigma),
+            None => sample.to_owned(),
+        })
+    }
 
     /// One update after UNet call `call`: `model_output` (the guided ε, v or
     /// x₀ prediction, per `prediction_type`) and `sample` are `[b, c, h, w] f32`
