@@ -40,6 +40,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
+from _models import quiet_fd, seed_all  # noqa: E402
+
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
@@ -178,25 +180,6 @@ class Log:
         Log.say(f"=== {name}: done in {dt:.1f}s")
 
 
-@contextlib.contextmanager
-def quiet_fd():
-    """Silence native (Rust/C++) writes to stdout/stderr."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
-
 
 @contextlib.contextmanager
 def default_dtype(dt):
@@ -209,15 +192,6 @@ def default_dtype(dt):
     finally:
         torch.set_default_dtype(prev)
 
-
-def seed_all(seed: int) -> None:
-    import random
-
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def write_json(path: Path, obj) -> None:

@@ -51,6 +51,8 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
+from _models import quiet_fd, seed_all  # noqa: E402
+
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
@@ -139,35 +141,6 @@ def stage(name: str):
     say(f"=== {name}: done in {dt:.1f}s (process peak RSS so far {peak_rss_gb():.2f} GB)")
 
 
-@contextlib.contextmanager
-def quiet_fd():
-    """Silence native writes to stdout/stderr (tokenizers' kwarg warnings)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
-
-
-def seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def staging(out: Path, name: str) -> Path:
