@@ -339,17 +339,13 @@ impl Generator {
                 "the UNet expects {w}-wide text embeddings but the text encoder gives {d}: they come from different models"
             )));
         }
-        let repeat = |row: usize| -> Array3<f32> {
-            let one = emb.index_axis(Axis(0), row);
-            let views: Vec<_> = (0..n).map(|_| one.insert_axis(Axis(0))).collect();
-            concatenate(Axis(0), &views).unwrap_or_else(|_| Array3::zeros((0, 0, 0)))
-        };
-        let hidden = if guided {
-            concatenate(Axis(0), &[repeat(0).view(), repeat(1).view()])
-                .map_err(|e| GenerateError::Invalid(e.to_string()))?
+        // [uncond × n, cond × n] with guidance, [cond × n] without: `[b, 77, d] f32`.
+        let rows: Vec<usize> = if guided {
+            vec![0; n].into_iter().chain(vec![1; n]).collect()
         } else {
-            repeat(1)
+            vec![1; n]
         };
+        let hidden: Array3<f32> = emb.select(Axis(0), &rows);
 
         // Latents.
         let shape = [n, 4, p.height / f, p.width / f];
