@@ -5,6 +5,7 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    cli::signals::install();
     let args = <cli::Cli as clap::Parser>::parse();
     cli::init_logging(args.verbosity());
     match cli::run(args) {

@@ -6,6 +6,7 @@ mod edit;
 mod generate;
 mod grid;
 mod inspect;
+pub mod signals;
 
 use clap::{Parser, Subcommand};
 

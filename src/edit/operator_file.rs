@@ -8,6 +8,7 @@
 //! `A` `[d, d] f32` (W' = W·A) and string metadata.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
@@ -76,28 +77,11 @@ pub fn save(path: &Path, op: &Operator, meta: &OperatorMeta) -> Result<(), Opera
         Some(HashMap::from([(META_KEY.to_string(), json)])),
     )
     .map_err(|e| invalid(e.to_string()))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let io = |source| OperatorFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::write(&tmp, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
+    crate::staged::write_file(path, |w| w.write_all(&bytes)).map_err(|source| {
+        OperatorFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 

@@ -75,7 +75,13 @@ impl Model {
         // while we run is outside what any reader can defend against; we never
         // write to an input.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let file = Bytes::from_owner(map);
+        Self::from_bytes(path, Bytes::from_owner(map))
+    }
+
+    /// Decodes a model already in memory, as if read from `path`: external
+    /// data is looked up beside `path`, and errors name it. Used by the
+    /// fuzzers, which feed bytes without a file per input.
+    pub fn from_bytes(path: &Path, file: Bytes) -> Result<Self, OnnxError> {
         let proto = ModelProto::decode(file.clone()).map_err(|source| OnnxError::Decode {
             path: path.to_path_buf(),
             source,

@@ -16,7 +16,7 @@
 //! the output name, and the input is only ever read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ use prost::Message;
 
 use super::proto::StringStringEntryProto;
 use super::{Model, OnnxError, Storage, TensorInfo};
+use crate::staged::Staged;
 
 /// New bytes for one initializer; as long as the old ones.
 pub struct TensorPatch {
@@ -185,7 +186,8 @@ pub fn write_patched_with_progress(
     // External files: copy, then patch in place.
     for (old, new) in &locations {
         let src = model.external_path(old)?;
-        let tmp = staged.create(&out_dir, new)?;
+        let dest = out_dir.join(new);
+        let tmp = staged.create(&dest).map_err(|source| io(&dest, source))?;
         copy_into(&src, &tmp.file, &tmp.path, &mut copied)?;
         for p in patches {
             if let Storage::External { location, offset } = &p.tensor.storage
@@ -198,7 +200,7 @@ pub fn write_patched_with_progress(
         }
     }
     // The model file.
-    let tmp = staged.create(&out_dir, &out_name)?;
+    let tmp = staged.create(output).map_err(|source| io(output, source))?;
     let tail = encode_metadata(metadata);
     if locations.is_empty() {
         copy_into(model.path(), &tmp.file, &tmp.path, &mut copied)?;
@@ -241,7 +243,9 @@ pub fn write_patched_with_progress(
         model: output.to_path_buf(),
         data_files: outputs[1..].to_vec(),
     };
-    staged.commit(&out_dir)?;
+    staged
+        .commit()
+        .map_err(|(path, source)| io(&path, source))?;
     Ok(written)
 }
 
@@ -343,67 +347,6 @@ fn copy_into(
         (copied.progress)(copied.done, copied.total);
         if n < STEP {
             return Ok(());
-        }
-    }
-}
-
-struct TempFile {
-    path: PathBuf,
-    file: File,
-    dest: PathBuf,
-}
-
-/// Temporary files that become the outputs on commit, and are removed if
-/// anything fails before.
-#[derive(Default)]
-struct Staged {
-    files: Vec<TempFile>,
-}
-
-impl Staged {
-    fn create(&mut self, dir: &Path, name: &str) -> Result<&TempFile, WriteError> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|source| io(&path, source))?;
-        self.files.push(TempFile {
-            path,
-            file,
-            dest: dir.join(name),
-        });
-        Ok(self.files.last().expect("just pushed"))
-    }
-
-    /// Renames the files into place, data files before the model that points
-    /// at them. The destination folder is locked meanwhile so that two writers
-    /// of the same output cannot interleave their renames (which would pair
-    /// one's model with the other's data).
-    ///
-    /// No fsync: the rename makes the output appear whole or not at all to
-    /// every process, including after this one is killed; surviving a power
-    /// cut is left to the OS's writeback, as for `cp`. Forcing 3.4 GB to disk
-    /// would cost more than the whole copy.
-    fn commit(mut self, dir: &Path) -> Result<(), WriteError> {
-        let lock = File::open(dir).map_err(|source| io(dir, source))?;
-        lock.lock().map_err(|source| io(dir, source))?;
-        for f in &self.files {
-            std::fs::rename(&f.path, &f.dest).map_err(|source| io(&f.dest, source))?;
-        }
-        self.files.clear();
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        for f in &self.files {
-            let _ = std::fs::remove_file(&f.path);
         }
     }
 }

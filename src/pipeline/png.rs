@@ -2,7 +2,7 @@
 //! and `.npy` float arrays for exact comparisons.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use ndarray::ArrayView3;
@@ -22,24 +22,25 @@ pub fn write_png(
         ));
     }
     let to_io = |e: png::EncodingError| std::io::Error::other(e.to_string());
-    let file = BufWriter::new(File::create(path)?);
-    let mut enc = png::Encoder::new(file, w as u32, h as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    for (k, v) in text {
-        if v.chars().all(|ch| (ch as u32) < 256) {
-            enc.add_text_chunk(k.clone(), v.clone()).map_err(to_io)?;
-        } else {
-            enc.add_itxt_chunk(k.clone(), v.clone()).map_err(to_io)?;
+    crate::staged::write_file(path, |file| {
+        let mut enc = png::Encoder::new(file, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            if v.chars().all(|ch| (ch as u32) < 256) {
+                enc.add_text_chunk(k.clone(), v.clone()).map_err(to_io)?;
+            } else {
+                enc.add_itxt_chunk(k.clone(), v.clone()).map_err(to_io)?;
+            }
         }
-    }
-    let mut writer = enc.write_header().map_err(to_io)?;
-    let bytes: Vec<u8> = image
-        .iter()
-        .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
-    writer.write_image_data(&bytes).map_err(to_io)?;
-    writer.finish().map_err(to_io)
+        let mut writer = enc.write_header().map_err(to_io)?;
+        let bytes: Vec<u8> = image
+            .iter()
+            .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        writer.write_image_data(&bytes).map_err(to_io)?;
+        writer.finish().map_err(to_io)
+    })
 }
 
 /// Reads the text chunks of a PNG back: Latin-1 ones, then UTF-8 ones.
@@ -77,14 +78,15 @@ pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<
     let pad = (64 - (10 + header.len() + 1) % 64) % 64;
     header.push_str(&" ".repeat(pad));
     header.push('\n');
-    let mut f = BufWriter::new(File::create(path)?);
-    f.write_all(b"\x93NUMPY\x01\x00")?;
-    f.write_all(&(header.len() as u16).to_le_bytes())?;
-    f.write_all(header.as_bytes())?;
-    for v in data {
-        f.write_all(&v.to_le_bytes())?;
-    }
-    f.flush()
+    crate::staged::write_file(path, |f| {
+        f.write_all(b"\x93NUMPY\x01\x00")?;
+        f.write_all(&(header.len() as u16).to_le_bytes())?;
+        f.write_all(header.as_bytes())?;
+        for v in data {
+            f.write_all(&v.to_le_bytes())?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads a little-endian f32 `.npy` (C order): shape and data.
