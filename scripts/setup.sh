@@ -28,8 +28,10 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 # libopenblas-dev: ndarray-linalg links the system OpenBLAS (its static build
 # downloads sources, which cannot work here). pkg-config helps -sys crates find it.
 # python3-pip/venv: only to fetch the ONNX Runtime wheel from PyPI.
+# strace: the fault-injection tests (tests/hostile.rs: full disk, signals mid-write,
+# which files are opened). g++: libfuzzer-sys, built by the fuzz targets' CI check.
 need=()
-for pkg in libopenblas-dev pkg-config ca-certificates; do
+for pkg in libopenblas-dev pkg-config ca-certificates strace g++; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi

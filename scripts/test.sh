@@ -8,7 +8,10 @@ scripts/setup.sh
 step() { printf '\n== %s\n' "$*" >&2; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path fuzz/Cargo.toml -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --release --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --release --locked
+step "fuzz targets build (scripts/fuzz.sh runs them)"
+cargo build --release --locked --manifest-path fuzz/Cargo.toml

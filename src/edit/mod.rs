@@ -32,8 +32,9 @@ pub enum EditError {
     /// A source token has no counterpart, in order, in the destination: the
     /// destination must contain every source word (it only adds words).
     #[error(
-        "the destination prompt {dst:?} lacks the word {word:?} of the source prompt {src:?} \
-         (every source word must appear in the destination, in the same order)"
+        "the destination prompt {} lacks the word {word:?} of the source prompt {} \
+         (every source word must appear in the destination, in the same order)",
+        quoted(.dst), quoted(.src)
     )]
     MissingWord {
         /// The source token, decoded.
@@ -46,8 +47,9 @@ pub enum EditError {
     /// The destination has the word, but only past the text encoder's
     /// length, where it has no embedding.
     #[error(
-        "the destination prompt {dst:?} has the word {word:?} of the source prompt {src:?} only \
-         after its first {max_len} tokens, which is all the text encoder sees"
+        "the destination prompt {} has the word {word:?} of the source prompt {} only \
+         after its first {max_len} tokens, which is all the text encoder sees",
+        quoted(.dst), quoted(.src)
     )]
     TruncatedWord {
         /// The source token, decoded.
@@ -85,6 +87,14 @@ pub enum EditError {
     /// The tokenizer failed.
     #[error(transparent)]
     Text(#[from] TextError),
+    /// A prompt that is empty or only whitespace: editing it would rewrite
+    /// what the model draws for no prompt at all (the unconditional half of
+    /// classifier-free guidance), which no edit means to do.
+    #[error("the {which} prompt is empty")]
+    EmptyPrompt {
+        /// "source" or "destination".
+        which: &'static str,
+    },
     /// λ must be a finite positive number: it keeps λI + Σ c cᵀ invertible
     /// and weighs how much the original weights are kept.
     #[error("lambda must be finite and > 0, got {lambda}")]
@@ -134,4 +144,23 @@ pub enum EditError {
         #[source]
         source: ndarray_linalg::error::LinalgError,
     },
+}
+
+/// A prompt for an error message: quoted and escaped like `{:?}`, its middle
+/// elided past 60 characters so that the message stays one readable line.
+fn quoted(text: &str) -> String {
+    const KEEP: usize = 28;
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= 2 * KEEP + 4 {
+        return format!("{text:?}");
+    }
+    let head: String = chars[..KEEP].iter().collect();
+    let tail: String = chars[chars.len() - KEEP..].iter().collect();
+    let (head, tail) = (format!("{head:?}"), format!("{tail:?}"));
+    format!(
+        "{}…{} ({} characters)",
+        &head[..head.len() - 1],
+        &tail[1..],
+        chars.len()
+    )
 }

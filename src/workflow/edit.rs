@@ -127,7 +127,9 @@ pub enum EditJobError {
     #[error(transparent)]
     Write(#[from] WriteError),
     /// The text encoder gave NaN or infinite embeddings.
-    #[error("the text encoder returned non-finite embeddings for {prompt:?}")]
+    #[error(
+        "the text encoder returned non-finite embeddings for {prompt:?} (a broken or overflowing model)"
+    )]
     NonFiniteEmbedding {
         /// The prompt.
         prompt: String,
@@ -176,7 +178,12 @@ pub fn run_with_progress(
         timings.push((name, clock.elapsed()));
         clock = Instant::now();
     };
-    // Validate cheap things first: λ, the operator request, the UNet and its cross-attention.
+    // Validate cheap things first: prompts, λ, the operator request, the UNet and its cross-attention.
+    for (which, text) in [("source", &req.source), ("destination", &req.destination)] {
+        if text.trim().is_empty() {
+            return Err(EditError::EmptyPrompt { which }.into());
+        }
+    }
     if !(req.lambda.is_finite() && req.lambda > 0.0) {
         return Err(EditError::BadLambda { lambda: req.lambda }.into());
     }

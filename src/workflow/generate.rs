@@ -41,6 +41,11 @@ pub enum GenerateError {
     /// Models that do not fit together.
     #[error("{0}")]
     Mismatch(String),
+    /// The text encoder gave NaN or infinite embeddings for this prompt.
+    #[error(
+        "the text encoder returned non-finite embeddings for {0:?} (a broken or overflowing model)"
+    )]
+    NonFiniteEmbedding(String),
     /// A bad size, step count or latents file.
     #[error("{0}")]
     Invalid(String),
@@ -210,6 +215,12 @@ impl Generator {
             )?),
         };
         let mut emb = encoder.embed(&ids)?;
+        // NaN here would silently turn every image black.
+        for (row, text) in emb.axis_iter(Axis(0)).zip([negative_prompt, prompt]) {
+            if row.iter().any(|v| !v.is_finite()) {
+                return Err(GenerateError::NonFiniteEmbedding(text.to_owned()));
+            }
+        }
         let d = emb.shape()[2];
         if let Some(mt) = &self.embedding_edit {
             if mt.nrows() != d {
