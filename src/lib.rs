@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod edit;
+pub mod eval;
 pub mod onnx;
 pub mod pipeline;
 pub mod runtime;

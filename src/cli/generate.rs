@@ -98,13 +98,13 @@ enum GraphOptArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceArg {
+pub(super) enum DeviceArg {
     Auto,
     Cuda,
     Cpu,
 }
 
-fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+pub(super) fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     s.parse::<SchedulerKind>().map_err(|e| e.to_string())
 }
 
@@ -272,7 +272,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// Decides the device once, so that "CUDA unavailable" is said once, not per session.
-fn resolve_device(rt: &Runtime, d: DeviceArg) -> anyhow::Result<Device> {
+pub(super) fn resolve_device(rt: &Runtime, d: DeviceArg) -> anyhow::Result<Device> {
     Ok(match d {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda,

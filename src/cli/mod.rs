@@ -3,6 +3,7 @@
 
 mod doctor;
 mod edit;
+mod eval;
 mod generate;
 mod grid;
 mod inspect;
@@ -33,6 +34,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Show what an ONNX model contains: inputs, outputs, weight storage.
     Inspect(inspect::InspectArgs),
+    /// Score edits on a TIMED-format dataset: efficacy, generality, specificity (the paper's table).
+    Eval(eval::EvalArgs),
     /// Tile PNG images into one, e.g. the same seeds before and after an edit.
     Grid(grid::GridArgs),
     /// Check which ONNX Runtime library is used and which execution providers work.
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Edit(args) => edit::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Grid(args) => grid::run(args),
         Command::Doctor => doctor::run(),

@@ -191,6 +191,12 @@ impl Generator {
         Ok(())
     }
 
+    /// Applies one edit operator computed from this model's text encoder
+    /// (no fingerprint check), or none: what an evaluation does between rows.
+    pub fn set_operator(&mut self, op: Option<&Operator>) {
+        self.embedding_edit = op.map(|o| o.transposed().mapv(|v| v as f32));
+    }
+
     /// Whether a safety checker runs on the images.
     pub fn has_safety_checker(&self) -> bool {
         self.model.safety_checker.is_some() && !self.skip_safety

@@ -2,4 +2,5 @@
 //! flags onto these requests; tests call them directly.
 
 pub mod edit;
+pub mod eval;
 pub mod generate;

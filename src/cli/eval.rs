@@ -1,0 +1,146 @@
+//! `time-onnx eval`: the paper's efficacy, generality and specificity on a
+//! TIMED-format dataset.
+
+use std::io::{IsTerminal, Write};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use time_onnx::eval::ClassifierSpec;
+use time_onnx::pipeline::schedulers::SchedulerKind;
+use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
+use time_onnx::workflow::eval::{self, EvalRequest};
+
+use super::generate::{DeviceArg, parse_scheduler, resolve_device};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model folder (diffusers/optimum ONNX layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// A TIMED-format CSV: old,new,positive1,gt1,…,positive5,gt5,negative1,gn1,…,negative5,gn5.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Rows to run, e.g. 0..8 (default: all).
+    #[arg(long, value_parser = parse_range)]
+    rows: Option<Range<usize>>,
+    /// Images per prompt, seeds 0..N (each seed's latents as `generate --seed k` draws them).
+    #[arg(long, default_value_t = 8)]
+    seeds: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// TIME's λ (the paper uses 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    lambda: f64,
+    /// Scheduler.
+    #[arg(long, value_parser = parse_scheduler, default_value = "ddim")]
+    scheduler: SchedulerKind,
+    /// How images are judged: clip:<DIR> (an ONNX CLIP export) or toy (the toy world's rules,
+    /// from <model>/world.json).
+    #[arg(long, default_value = "toy")]
+    classifier: ClassifierSpec,
+    /// Report folder: results.json, report.md, row-NN.png.
+    #[arg(short, long, default_value = "eval-report")]
+    output: PathBuf,
+    /// Continue a report in --output made with the same settings.
+    #[arg(long)]
+    resume: bool,
+    /// Images per UNet batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Intra-op threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_range(s: &str) -> Result<Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not a range like 0..8"))?;
+    let n = |t: &str| t.trim().parse::<usize>().map_err(|e| format!("{t:?}: {e}"));
+    Ok(n(a)?..n(b)?)
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let EvalArgs {
+        model,
+        dataset,
+        rows,
+        seeds,
+        steps,
+        guidance,
+        lambda,
+        scheduler,
+        classifier,
+        output,
+        resume,
+        batch,
+        device,
+        threads,
+    } = args;
+    let rt = Runtime::load()?;
+    let session = SessionOptions {
+        device: resolve_device(&rt, device)?,
+        threads,
+        optimization: GraphOptimization::Extended,
+    };
+    let req = EvalRequest {
+        model,
+        dataset,
+        rows,
+        seeds,
+        steps,
+        guidance,
+        lambda,
+        scheduler,
+        batch,
+        classifier,
+        output: output.clone(),
+        resume,
+        session,
+    };
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut bar = |done: usize, total: usize| {
+        if !tty || total == 0 {
+            return;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let eta = elapsed / done as f64 * (total - done) as f64;
+        eprint!(
+            "\rgenerations {done}/{total}  {:.0}%  ETA {:.0}:{:02.0} ",
+            100.0 * done as f64 / total as f64,
+            (eta / 60.0).floor(),
+            eta % 60.0
+        );
+        if done == total {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
+    };
+    let report = eval::run(&req, &mut bar).context("evaluating")?;
+    for (variant, s) in &report.average {
+        println!(
+            "{variant:>9}: efficacy {:5.1}%  generality {:5.1}%  specificity {:5.1}%",
+            100.0 * s.efficacy,
+            100.0 * s.generality,
+            100.0 * s.specificity
+        );
+    }
+    println!(
+        "{} rows in {:.1} s; report in {}",
+        report.rows.len(),
+        start.elapsed().as_secs_f64(),
+        output.join("report.md").display()
+    );
+    Ok(())
+}

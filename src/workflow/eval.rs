@@ -1,0 +1,531 @@
+//! The evaluation journey: for each dataset row, edit from the original
+//! model, generate the row's prompts with fixed seeds on the unedited model,
+//! the edited one and the oracle, classify every image, and score.
+//!
+//! Sessions are opened once. An edit is applied as its operator on the text
+//! embeddings (W·A on every K/V weight is the same map as the original
+//! weights on A·c, see `tests/operators.rs`), so moving to the next row costs
+//! one text-encoder run and a 768×768 solve, never a UNet file or a session
+//! rebuild.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{Array3, Array4, Axis, concatenate};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
+use crate::pipeline::png;
+use crate::pipeline::rng::Rng;
+use crate::pipeline::schedulers::SchedulerKind;
+use crate::runtime::{Runtime, SessionOptions};
+use crate::unet::weights::Targets;
+use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest};
+use crate::workflow::generate::{GenerateError, Generator, Params};
+
+/// What to evaluate and how.
+#[derive(Clone, Debug)]
+pub struct EvalRequest {
+    /// The model folder (diffusers/optimum layout).
+    pub model: PathBuf,
+    /// The TIMED-format CSV.
+    pub dataset: PathBuf,
+    /// Which rows (all when `None`).
+    pub rows: Option<Range<usize>>,
+    /// Seeds 0..seeds, one image each, per prompt.
+    pub seeds: usize,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    pub guidance: f64,
+    /// TIME's λ.
+    pub lambda: f64,
+    /// The scheduler.
+    pub scheduler: SchedulerKind,
+    /// Images per UNet batch.
+    pub batch: usize,
+    /// How images are judged.
+    pub classifier: ClassifierSpec,
+    /// The report folder.
+    pub output: PathBuf,
+    /// Continue the rows already in `output/results.json`.
+    pub resume: bool,
+    /// Session settings.
+    pub session: SessionOptions,
+}
+
+/// The settings a report was made with; `--resume` requires the same.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The model folder.
+    pub model: String,
+    /// The dataset file.
+    pub dataset: String,
+    /// Seeds per prompt.
+    pub seeds: usize,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// λ.
+    pub lambda: f64,
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Classifier (`toy` or `clip:<dir>`).
+    pub classifier: String,
+    /// The tool that wrote it.
+    pub tool: String,
+}
+
+/// Which model drew an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// The original model.
+    Unedited,
+    /// The model after this row's edit.
+    Edited,
+    /// The original model given the destination-style prompts.
+    Oracle,
+}
+
+/// Which of the row's prompt sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Set {
+    /// `old` (efficacy).
+    Source,
+    /// `positiveK` (generality).
+    Positive,
+    /// `negativeK` (specificity).
+    Negative,
+}
+
+/// The judgments of one prompt's images.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PromptResult {
+    /// Model variant.
+    pub variant: Variant,
+    /// Prompt set.
+    pub set: Set,
+    /// The prompt generated.
+    pub prompt: String,
+    /// The two candidates the classifier chose between (the original-style
+    /// one first).
+    pub candidates: [String; 2],
+    /// Per seed: which one it showed.
+    pub picks: Vec<Option<Pick>>,
+}
+
+/// One row's outcome.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RowResult {
+    /// Its index in the dataset.
+    pub index: usize,
+    /// Source prompt.
+    pub old: String,
+    /// Destination prompt.
+    pub new: String,
+    /// Scores per variant.
+    pub scores: BTreeMap<String, Scores>,
+    /// Every prompt's judgments.
+    pub prompts: Vec<PromptResult>,
+    /// Wall time of the row.
+    pub seconds: f64,
+}
+
+/// Everything written to `results.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// How it was made.
+    pub settings: Settings,
+    /// Rows done so far, in dataset order.
+    pub rows: Vec<RowResult>,
+    /// Mean scores over the rows, per variant.
+    pub average: BTreeMap<String, Scores>,
+}
+
+/// Everything that can stop an evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalJobError {
+    /// Scoring side.
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    /// Generation.
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    /// The edit.
+    #[error(transparent)]
+    Edit(#[from] EditJobError),
+    /// Bad settings or a report that does not fit them.
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing the report.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Generations done and to do, for a progress bar.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// Runs the evaluation, writing `results.json`, `report.md` and one grid
+/// PNG per row into `req.output` after every row.
+pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError> {
+    if req.seeds == 0 || req.steps == 0 || req.batch == 0 {
+        return Err(EvalJobError::Invalid(
+            "--seeds, --steps and --batch must be at least 1".into(),
+        ));
+    }
+    let rows = eval::dataset::read(&req.dataset)?;
+    let range = req.rows.clone().unwrap_or(0..rows.len());
+    if range.start >= range.end || range.end > rows.len() {
+        return Err(EvalJobError::Invalid(format!(
+            "rows {}..{} are outside the dataset's 0..{}",
+            range.start,
+            range.end,
+            rows.len()
+        )));
+    }
+    let settings = Settings {
+        model: req.model.display().to_string(),
+        dataset: req.dataset.display().to_string(),
+        seeds: req.seeds,
+        steps: req.steps,
+        guidance: req.guidance,
+        lambda: req.lambda,
+        scheduler: req.scheduler.to_string(),
+        classifier: req.classifier.to_string(),
+        tool: format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
+    };
+    let results = req.output.join("results.json");
+    let mut report = previous_report(&results, &settings, req.resume)?;
+    if !req.output.is_dir() {
+        std::fs::create_dir_all(&req.output).map_err(|source| EvalJobError::Io {
+            path: req.output.clone(),
+            source,
+        })?;
+    }
+
+    let rt = Runtime::load().map_err(|e| EvalJobError::Invalid(e.to_string()))?;
+    let mut generator = Generator::open_with_safety(&rt, &req.model, None, req.session, true)?;
+    let mut classifier = Classifier::open(&req.classifier, &rt, &req.model, req.session)?;
+    let (height, width) = generator.default_size();
+    let f = generator.model.vae_factor;
+    let latents: Vec<Array4<f32>> = (0..req.seeds as u64)
+        .map(|s| {
+            Rng::new(s)
+                .randn(&[1, 4, height / f, width / f])
+                .into_dimensionality()
+                .expect("rank 4")
+        })
+        .collect();
+    let params = Params {
+        steps: req.steps,
+        guidance: req.guidance,
+        negative_prompt: String::new(),
+        num_images: 0,
+        height,
+        width,
+        seed: 0,
+        latents: None,
+        scheduler: Some(req.scheduler),
+        eta: 0.0,
+    };
+    let todo: Vec<usize> = range
+        .filter(|i| !report.rows.iter().any(|r| r.index == *i))
+        .collect();
+    let per_row = |r: &Row| 3 * (1 + r.positives.len() + r.negatives.len());
+    let total: usize = todo.iter().map(|&i| per_row(&rows[i])).sum();
+    let mut done = 0;
+    for i in todo {
+        let row = &rows[i];
+        let start = Instant::now();
+        let operator = edit_flow::run(&EditRequest {
+            unet: None,
+            output: None,
+            text_encoder: generator.model.text_encoder.clone(),
+            tokenizer: generator.model.tokenizer.clone(),
+            source: row.old.clone(),
+            destination: row.new.clone(),
+            lambda: req.lambda,
+            augmentations: crate::edit::DEFAULT_AUGMENTATIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            targets: Targets::KeysAndValues,
+            save_weights: None,
+            save_operator: None,
+        })?
+        .operator;
+        let mut prompts = Vec::new();
+        let mut grid_images: Vec<(Variant, Vec<Array3<f32>>)> = Vec::new();
+        let cases = row_cases(row);
+        for variant in [Variant::Unedited, Variant::Edited, Variant::Oracle] {
+            generator.set_operator((variant == Variant::Edited).then_some(&operator));
+            for (set, original, destination) in &cases {
+                let prompt = match (variant, set) {
+                    (Variant::Oracle, Set::Source | Set::Positive) => destination,
+                    _ => original,
+                };
+                let images = generate(&mut generator, prompt, &params, &latents, req.batch)?;
+                let picks = classifier.judge(images.view(), original, destination)?;
+                if variant != Variant::Oracle {
+                    let keep = images.shape()[0].min(4);
+                    grid_images.push((
+                        variant,
+                        images
+                            .axis_iter(Axis(0))
+                            .take(keep)
+                            .map(|v| v.to_owned())
+                            .collect(),
+                    ));
+                }
+                prompts.push(PromptResult {
+                    variant,
+                    set: *set,
+                    prompt: prompt.clone(),
+                    candidates: [original.clone(), destination.clone()],
+                    picks,
+                });
+                done += 1;
+                progress(done, total);
+            }
+        }
+        let scores = [Variant::Unedited, Variant::Edited, Variant::Oracle]
+            .into_iter()
+            .map(|v| (variant_name(v).to_string(), score(&prompts, v)))
+            .collect();
+        write_grid(&req.output.join(format!("row-{i:02}.png")), &grid_images)?;
+        report.rows.push(RowResult {
+            index: i,
+            old: row.old.clone(),
+            new: row.new.clone(),
+            scores,
+            prompts,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+        report.rows.sort_by_key(|r| r.index);
+        report.average = average(&report.rows);
+        save(&req.output, &report)?;
+    }
+    generator.set_operator(None);
+    Ok(report)
+}
+
+/// The row's prompts: (set, original-style prompt, destination-style prompt).
+/// For negatives the oracle keeps the negative itself: an ideal edit leaves it alone.
+fn row_cases(row: &Row) -> Vec<(Set, String, String)> {
+    let mut cases = vec![(Set::Source, row.old.clone(), row.new.clone())];
+    cases.extend(
+        row.positives
+            .iter()
+            .map(|(p, g)| (Set::Positive, p.clone(), g.clone())),
+    );
+    cases.extend(
+        row.negatives
+            .iter()
+            .map(|(n, g)| (Set::Negative, n.clone(), g.clone())),
+    );
+    cases
+}
+
+/// Images `[seeds, h, w, 3]` for one prompt, seed k starting from the
+/// latents `Rng::new(k)` draws for one image, so that they equal
+/// `time-onnx generate --seed k`'s, and a script can draw the same.
+fn generate(
+    generator: &mut Generator,
+    prompt: &str,
+    params: &Params,
+    latents: &[Array4<f32>],
+    batch: usize,
+) -> Result<Array4<f32>, EvalJobError> {
+    let emb = generator.embed(prompt, &params.negative_prompt)?;
+    let mut parts = Vec::new();
+    for chunk in latents.chunks(batch) {
+        let views: Vec<_> = chunk.iter().map(|l| l.view()).collect();
+        let l = concatenate(Axis(0), &views).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
+        let p = Params {
+            num_images: chunk.len(),
+            latents: Some(l.into_dyn()),
+            ..params.clone()
+        };
+        parts.push(generator.generate_embedded(&emb, &p, &mut |_, _| {})?.0);
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| EvalJobError::Invalid(e.to_string()))
+}
+
+fn variant_name(v: Variant) -> &'static str {
+    match v {
+        Variant::Unedited => "unedited",
+        Variant::Edited => "edited",
+        Variant::Oracle => "oracle",
+    }
+}
+
+/// The share of images that went the way an edit wants: sources and
+/// positives to the destination-style prompt (B), negatives to their own (A).
+fn score(prompts: &[PromptResult], variant: Variant) -> Scores {
+    let share = |set: Set, want: Pick| {
+        let picks: Vec<_> = prompts
+            .iter()
+            .filter(|p| p.variant == variant && p.set == set)
+            .flat_map(|p| &p.picks)
+            .collect();
+        let hits = picks.iter().filter(|p| ***p == Some(want)).count();
+        hits as f64 / picks.len().max(1) as f64
+    };
+    Scores {
+        efficacy: share(Set::Source, Pick::B),
+        generality: share(Set::Positive, Pick::B),
+        specificity: share(Set::Negative, Pick::A),
+    }
+}
+
+fn average(rows: &[RowResult]) -> BTreeMap<String, Scores> {
+    ["unedited", "edited", "oracle"]
+        .into_iter()
+        .map(|v| {
+            (
+                v.to_string(),
+                Scores::mean(rows.iter().filter_map(|r| r.scores.get(v))),
+            )
+        })
+        .collect()
+}
+
+/// The report to continue: the existing one with `resume` (same settings
+/// required), a fresh one otherwise (refusing to overwrite results).
+fn previous_report(path: &Path, settings: &Settings, resume: bool) -> Result<Report, EvalJobError> {
+    let fresh = Report {
+        settings: settings.clone(),
+        rows: Vec::new(),
+        average: BTreeMap::new(),
+    };
+    if !path.exists() {
+        return Ok(fresh);
+    }
+    if !resume {
+        return Err(EvalJobError::Invalid(format!(
+            "{} exists: pass --resume to continue it, or choose another output folder",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| EvalJobError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let old: Report = serde_json::from_str(&text)
+        .map_err(|e| EvalJobError::Invalid(format!("{}: {e}", path.display())))?;
+    let comparable = |s: &Settings| Settings {
+        tool: String::new(),
+        ..s.clone()
+    };
+    if comparable(&old.settings) != comparable(settings) {
+        return Err(EvalJobError::Invalid(format!(
+            "{} was made with other settings ({:?}); --resume needs the same",
+            path.display(),
+            old.settings
+        )));
+    }
+    Ok(old)
+}
+
+fn save(dir: &Path, report: &Report) -> Result<(), EvalJobError> {
+    let io = |path: PathBuf| move |source| EvalJobError::Io { path, source };
+    let json = serde_json::to_string_pretty(report).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
+    let path = dir.join("results.json");
+    crate::staged::write_file(&path, |w| {
+        use std::io::Write;
+        w.write_all(json.as_bytes())
+    })
+    .map_err(io(path))?;
+    let path = dir.join("report.md");
+    let md = markdown(report);
+    crate::staged::write_file(&path, |w| {
+        use std::io::Write;
+        w.write_all(md.as_bytes())
+    })
+    .map_err(io(path))
+}
+
+/// The report as the paper's table: one line per row and variant, then the means.
+pub fn markdown(report: &Report) -> String {
+    let s = &report.settings;
+    let mut out = format!(
+        "# TIME evaluation\n\n{} on `{}`, dataset `{}`: {} seeds per prompt, {} {} steps, guidance {}, \
+         λ = {}, classifier `{}` ({}).\n\n\
+         Efficacy: source-prompt images classified as the destination; generality: positives \
+         classified as their destination-style prompt; specificity: negatives classified as \
+         themselves. Oracle: the unedited model given the destination-style prompts (negatives \
+         unchanged).\n\n\
+         | row | edit | model | efficacy | generality | specificity |\n|---|---|---|---:|---:|---:|\n",
+        s.tool, s.model, s.dataset, s.seeds, s.steps, s.scheduler, s.guidance, s.lambda, s.classifier,
+        s.tool
+    );
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+    for r in &report.rows {
+        for (k, v) in ["unedited", "edited", "oracle"]
+            .iter()
+            .filter_map(|k| Some((k, r.scores.get(*k)?)))
+        {
+            out.push_str(&format!(
+                "| {} | {} → {} | {k} | {} | {} | {} |\n",
+                r.index,
+                r.old,
+                r.new,
+                pct(v.efficacy),
+                pct(v.generality),
+                pct(v.specificity)
+            ));
+        }
+    }
+    out.push_str("\n**Mean over rows**\n\n| model | efficacy | generality | specificity |\n|---|---:|---:|---:|\n");
+    for (k, v) in &report.average {
+        out.push_str(&format!(
+            "| {k} | {} | {} | {} |\n",
+            pct(v.efficacy),
+            pct(v.generality),
+            pct(v.specificity)
+        ));
+    }
+    out.push_str("\nGrids: `row-NN.png`, one line per prompt (source, positives, negatives), the first \
+                  seeds unedited on the left, edited on the right.\n");
+    out
+}
+
+/// One line per prompt: its first images unedited, then edited.
+fn write_grid(path: &Path, images: &[(Variant, Vec<Array3<f32>>)]) -> Result<(), EvalJobError> {
+    let unedited: Vec<_> = images.iter().filter(|(v, _)| *v == Variant::Unedited).collect();
+    let edited: Vec<_> = images.iter().filter(|(v, _)| *v == Variant::Edited).collect();
+    let cols = unedited.first().map_or(0, |(_, i)| i.len());
+    let mut tiles = Vec::new();
+    for (u, e) in unedited.iter().zip(&edited) {
+        tiles.extend(u.1.iter().cloned());
+        tiles.extend(e.1.iter().cloned());
+    }
+    // Small models draw small images: enlarge tiles to at least 96 pixels (nearest neighbour).
+    let side = tiles.first().map_or(1, |t| t.shape()[0].max(1));
+    let k = 96usize.div_ceil(side).max(1);
+    let tiles: Vec<Array3<f32>> = tiles
+        .iter()
+        .map(|t| {
+            let (h, w, c) = t.dim();
+            Array3::from_shape_fn((h * k, w * k, c), |(y, x, ch)| t[[y / k, x / k, ch]])
+        })
+        .collect();
+    let Some(grid) = png::grid(&tiles, 2 * cols, 2) else {
+        return Ok(());
+    };
+    png::write_png(path, grid.view(), &[]).map_err(|source| EvalJobError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}

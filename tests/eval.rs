@@ -1,0 +1,200 @@
+//! `time-onnx eval`: datasets, classifiers, and the scores on the toy model
+//! against the training script's own measurement (models/toy/measured.json,
+//! made with torch and the W·A form of the edit, from the same latents).
+
+use std::path::{Path, PathBuf};
+
+use ndarray::s;
+use serde_json::Value;
+use time_onnx::eval::toy::World;
+use time_onnx::eval::{ClassifierSpec, dataset};
+use time_onnx::pipeline::png::read_png;
+use time_onnx::pipeline::schedulers::SchedulerKind;
+use time_onnx::runtime::{Device, GraphOptimization, SessionOptions};
+use time_onnx::workflow::eval::{EvalRequest, run};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn toy() -> PathBuf {
+    Path::new(ROOT).join("models/toy")
+}
+
+fn request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
+    EvalRequest {
+        model: model.to_path_buf(),
+        dataset: dataset.to_path_buf(),
+        rows: None,
+        seeds: 2,
+        steps: 3,
+        guidance: 7.5,
+        lambda: 10.0,
+        scheduler: SchedulerKind::Ddim,
+        batch: 16,
+        classifier: ClassifierSpec::Toy,
+        output: out.to_path_buf(),
+        resume: false,
+        session: SessionOptions {
+            device: Device::Cpu,
+            threads: None,
+            optimization: GraphOptimization::Extended,
+        },
+    }
+}
+
+#[test]
+fn the_toy_classifier_reads_world_images_as_the_python_one_does() {
+    let world = World::load(&toy().join("world.json")).unwrap();
+    let grid = read_png(&toy().join("world_samples.png")).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(toy().join("world_samples.json")).unwrap())
+            .unwrap();
+    let (tile, cols) = (
+        meta["tile"].as_u64().unwrap() as usize,
+        meta["cols"].as_u64().unwrap() as usize,
+    );
+    let records = meta["images"].as_array().unwrap();
+    let mut correct = 0;
+    for (k, rec) in records.iter().enumerate() {
+        let (r, c) = (k / cols, k % cols);
+        let img = grid.slice(s![r * tile..(r + 1) * tile, c * tile..(c + 1) * tile, ..]);
+        let seen = world.classify(img);
+        let py = &rec["classified"];
+        assert_eq!(seen.shape.as_deref(), py["shape"].as_str(), "image {k}");
+        assert_eq!(seen.colour.as_deref(), py["colour"].as_str(), "image {k}");
+        assert_eq!(Some(seen.background.as_str()), py["background"].as_str(), "image {k}");
+        let truth = &rec["truth"];
+        correct += usize::from(
+            seen.shape.as_deref() == truth["shape"].as_str()
+                && seen.colour.as_deref() == truth["colour"].as_str(),
+        );
+    }
+    assert!(correct * 100 >= 95 * records.len(), "{correct}/{}", records.len());
+}
+
+#[test]
+fn prompts_imply_the_worlds_colours() {
+    let world = World::load(&toy().join("world.json")).unwrap();
+    assert_eq!(world.implied_colour("a circle").as_deref(), Some("red"));
+    assert_eq!(world.implied_colour("a picture of a big square").as_deref(), Some("green"));
+    assert_eq!(world.implied_colour("a blue circle").as_deref(), Some("blue"));
+    assert_eq!(world.implied_colour("a diamond"), None);
+}
+
+#[test]
+fn timed_datasets_parse_or_name_what_is_missing() {
+    let dir = Path::new(ROOT).join("../shared/data/timed");
+    if !dir.exists() {
+        eprintln!("{} absent (not distributed with the repository): skipping", dir.display());
+        return;
+    }
+    for name in ["TIMED_test_set.csv", "TIMED_validation_set.csv", "TIMED_test_set_filtered_SD14.csv"] {
+        let rows = dataset::read(&dir.join(name)).unwrap();
+        assert!(!rows.is_empty(), "{name}");
+        for r in &rows {
+            assert_eq!((r.positives.len(), r.negatives.len()), (5, 5), "{name}: {r:?}");
+        }
+    }
+    // the gender set has other columns
+    let err = dataset::read(&dir.join("TIMED_gender_test_set.csv")).unwrap_err();
+    assert!(err.to_string().contains("no column \"positive1\""), "{err}");
+    let toy = dataset::read(&toy().join("toy_timed.csv")).unwrap();
+    assert!(toy.len() >= 6);
+}
+
+/// Per row and model variant, within ±5 points of the script's numbers (same
+/// seeds, same latents, same λ; torch edits the weights, we the embeddings).
+#[test]
+fn eval_on_the_toy_model_matches_the_training_script() {
+    let measured: Value =
+        serde_json::from_str(&std::fs::read_to_string(toy().join("measured.json")).unwrap()).unwrap();
+    let lambda = measured["best_lambda"].as_f64().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut req = request(&toy(), &toy().join("toy_timed.csv"), out.path());
+    req.rows = Some(0..2);
+    req.seeds = measured["seeds"].as_u64().unwrap() as usize;
+    req.steps = measured["steps"].as_u64().unwrap() as usize;
+    req.lambda = lambda;
+    let report = run(&req, &mut |_, _| {}).unwrap();
+    for row in &report.rows {
+        let m = &measured["rows"][row.index];
+        for (variant, ours) in &row.scores {
+            let theirs = match variant.as_str() {
+                "edited" => &m["edited"][lambda.to_string()],
+                v => &m[v],
+            };
+            for (k, v) in [
+                ("efficacy", ours.efficacy),
+                ("generality", ours.generality),
+                ("specificity", ours.specificity),
+            ] {
+                let t = theirs[k].as_f64().unwrap();
+                assert!(
+                    (v - t).abs() <= 0.05,
+                    "row {} {variant} {k}: ours {v:.3}, script {t:.3}",
+                    row.index
+                );
+            }
+        }
+    }
+    assert!(out.path().join("report.md").exists());
+    assert!(out.path().join("row-00.png").exists());
+}
+
+#[test]
+fn eval_resumes_and_never_overwrites_silently() {
+    let out = tempfile::tempdir().unwrap();
+    let csv = toy().join("toy_timed.csv");
+    let mut req = request(&toy(), &csv, out.path());
+    req.rows = Some(0..1);
+    let first = run(&req, &mut |_, _| {}).unwrap();
+    // again without --resume: refused
+    let err = run(&req, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+    // resume with other settings: refused
+    req.resume = true;
+    req.seeds = 3;
+    let err = run(&req, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("other settings"), "{err}");
+    // resume with the same: row 0 kept as it was, row 1 added
+    req.seeds = 2;
+    req.rows = Some(0..2);
+    let mut calls = 0;
+    let second = run(&req, &mut |_, _| calls += 1).unwrap();
+    assert_eq!(second.rows.len(), 2);
+    assert_eq!(second.rows[0].seconds, first.rows[0].seconds, "row 0 was redone");
+    let per_row = 3 * 11;
+    assert_eq!(calls, per_row, "only row 1 was generated");
+}
+
+#[test]
+fn clip_classifier_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("one.csv");
+    let mut header = vec!["old".to_string(), "new".to_string()];
+    let mut cells = vec!["A rose".to_string(), "A blue rose".to_string()];
+    for (a, b) in [("positive", "gt"), ("negative", "gn")] {
+        for k in 1..=5 {
+            header.extend([format!("{a}{k}"), format!("{b}{k}")]);
+            if k == 1 && a == "positive" {
+                cells.extend(["A rose garden".into(), "A blue rose garden".into()]);
+            } else if k == 1 {
+                cells.extend(["A tulip".into(), "A blue tulip".into()]);
+            } else {
+                cells.extend([String::new(), String::new()]);
+            }
+        }
+    }
+    std::fs::write(&csv, format!("{}\n{}\n", header.join(","), cells.join(","))).unwrap();
+    let out = dir.path().join("report");
+    let mut req = request(&Path::new(ROOT).join("tests/fixtures/sd-tiny/optimum"), &csv, &out);
+    req.seeds = 1;
+    req.steps = 2;
+    req.classifier = ClassifierSpec::Clip(Path::new(ROOT).join("tests/fixtures/clip-tiny"));
+    let report = run(&req, &mut |_, _| {}).unwrap();
+    let row = &report.rows[0];
+    assert_eq!(row.prompts.len(), 3 * 3, "source, 1 positive, 1 negative × 3 variants");
+    for p in &row.prompts {
+        assert_eq!(p.picks.len(), 1);
+        assert!(p.picks[0].is_some(), "{p:?}");
+    }
+}
