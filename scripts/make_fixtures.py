@@ -457,7 +457,8 @@ def _torchscript_export(model, args, path: Path, inputs, outputs, axes, opset=OP
 
 def export_diffusers_layout(pipe, out: Path) -> None:
     """Layout (a): what diffusers' scripts/convert_stable_diffusion_checkpoint_to_onnx.py produces
-    (TorchScript exporter, opset 14, int32 input_ids, float timestep [batch], unet/weights.pb)."""
+    (TorchScript exporter, opset 14, int32 input_ids, float timestep [batch], unet/weights.pb); sizes of the
+    dummy inputs from the models' configs (also used for models/toy by train_toy_model.py)."""
     import onnx
     import torch
     from diffusers import OnnxRuntimeModel, OnnxStableDiffusionPipeline
@@ -466,6 +467,8 @@ def export_diffusers_layout(pipe, out: Path) -> None:
     for d in (stage, out):
         if d.exists():
             shutil.rmtree(d)
+    latent, cross, image = (pipe.unet.config.sample_size, pipe.unet.config.cross_attention_dim,
+                            pipe.vae.config.sample_size)
     g = torch.Generator().manual_seed(0)
     ids = pipe.tokenizer("A sample prompt", padding="max_length", max_length=77, truncation=True,
                          return_tensors="pt").input_ids.to(torch.int32)
@@ -474,8 +477,8 @@ def export_diffusers_layout(pipe, out: Path) -> None:
     unet_path = stage / "unet" / "model.onnx"
     _torchscript_export(
         pipe.unet,
-        (torch.randn(2, 4, LATENT, LATENT, generator=g), torch.randn(2, generator=g),
-         torch.randn(2, 77, CROSS_DIM, generator=g), False),
+        (torch.randn(2, 4, latent, latent, generator=g), torch.randn(2, generator=g),
+         torch.randn(2, 77, cross, generator=g), False),
         unet_path, ["sample", "timestep", "encoder_hidden_states", "return_dict"], ["out_sample"],
         {"sample": {0: "batch", 1: "channels", 2: "height", 3: "width"}, "timestep": {0: "batch"},
          "encoder_hidden_states": {0: "batch", 1: "sequence"}})
@@ -486,12 +489,12 @@ def export_diffusers_layout(pipe, out: Path) -> None:
                     location="weights.pb", convert_attribute=False)
     vae_e = copy.deepcopy(pipe.vae)
     vae_e.forward = lambda sample, return_dict: vae_e.encode(sample, return_dict)[0].sample()
-    _torchscript_export(vae_e, (torch.randn(1, 3, IMAGE, IMAGE, generator=g), False),
+    _torchscript_export(vae_e, (torch.randn(1, 3, image, image, generator=g), False),
                         stage / "vae_encoder" / "model.onnx", ["sample", "return_dict"], ["latent_sample"],
                         {"sample": {0: "batch", 1: "channels", 2: "height", 3: "width"}})
     vae_d = copy.deepcopy(pipe.vae)
     vae_d.forward = vae_d.decode
-    _torchscript_export(vae_d, (torch.randn(1, 4, LATENT, LATENT, generator=g), False),
+    _torchscript_export(vae_d, (torch.randn(1, 4, latent, latent, generator=g), False),
                         stage / "vae_decoder" / "model.onnx", ["latent_sample", "return_dict"], ["sample"],
                         {"latent_sample": {0: "batch", 1: "channels", 2: "height", 3: "width"}})
 

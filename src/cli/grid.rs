@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use time_onnx::pipeline::png::{grid, read_png, write_png};
+use time_onnx::pipeline::png::{grid, read_png, upscale, write_png};
 
 /// Arguments of `grid`.
 #[derive(Debug, Args)]
@@ -15,6 +15,9 @@ pub struct GridArgs {
     /// Images per row.
     #[arg(long, default_value_t = 4)]
     cols: usize,
+    /// Enlarge every image this many times (nearest neighbour), e.g. for 32-pixel images.
+    #[arg(long, default_value_t = 1)]
+    scale: usize,
     /// Output PNG.
     #[arg(short, long)]
     output: PathBuf,
@@ -24,11 +27,15 @@ pub fn run(args: GridArgs) -> anyhow::Result<()> {
     let GridArgs {
         images,
         cols,
+        scale,
         output,
     } = args;
     let loaded = images
         .iter()
-        .map(|p| read_png(p).with_context(|| format!("reading {}", p.display())))
+        .map(|p| {
+            let img = read_png(p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(upscale(img.view(), scale))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let Some(tiled) = grid(&loaded, cols, 4) else {
         bail!("the images must all have the same size, and --cols must be at least 1");

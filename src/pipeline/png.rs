@@ -169,6 +169,14 @@ pub fn grid(
     Some(out)
 }
 
+/// `image: [h, w, c]` enlarged `k` times by repeating pixels (nearest
+/// neighbour), so that small models' images stay visible in a grid.
+pub fn upscale(image: ndarray::ArrayView3<f32>, k: usize) -> ndarray::Array3<f32> {
+    let k = k.max(1);
+    let (h, w, c) = image.dim();
+    ndarray::Array3::from_shape_fn((h * k, w * k, c), |(y, x, ch)| image[[y / k, x / k, ch]])
+}
+
 /// Reads an 8-bit PNG as `[h, w, 3] f32` in [0, 1].
 pub fn read_png(path: &Path) -> std::io::Result<ndarray::Array3<f32>> {
     let img = image::open(path)

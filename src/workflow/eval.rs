@@ -316,6 +316,8 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         save(&req.output, &report)?;
     }
     generator.set_operator(None);
+    // Also when every row was done already: `--resume` then re-renders the report.
+    save(&req.output, &report)?;
     Ok(report)
 }
 
@@ -461,14 +463,13 @@ pub fn markdown(report: &Report) -> String {
     let s = &report.settings;
     let mut out = format!(
         "# TIME evaluation\n\n{} on `{}`, dataset `{}`: {} seeds per prompt, {} {} steps, guidance {}, \
-         λ = {}, classifier `{}` ({}).\n\n\
+         λ = {}, classifier `{}`.\n\n\
          Efficacy: source-prompt images classified as the destination; generality: positives \
          classified as their destination-style prompt; specificity: negatives classified as \
          themselves. Oracle: the unedited model given the destination-style prompts (negatives \
          unchanged).\n\n\
          | row | edit | model | efficacy | generality | specificity |\n|---|---|---|---:|---:|---:|\n",
-        s.tool, s.model, s.dataset, s.seeds, s.steps, s.scheduler, s.guidance, s.lambda, s.classifier,
-        s.tool
+        s.tool, s.model, s.dataset, s.seeds, s.steps, s.scheduler, s.guidance, s.lambda, s.classifier
     );
     let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     for r in &report.rows {
@@ -514,13 +515,7 @@ fn write_grid(path: &Path, images: &[(Variant, Vec<Array3<f32>>)]) -> Result<(),
     // Small models draw small images: enlarge tiles to at least 96 pixels (nearest neighbour).
     let side = tiles.first().map_or(1, |t| t.shape()[0].max(1));
     let k = 96usize.div_ceil(side).max(1);
-    let tiles: Vec<Array3<f32>> = tiles
-        .iter()
-        .map(|t| {
-            let (h, w, c) = t.dim();
-            Array3::from_shape_fn((h * k, w * k, c), |(y, x, ch)| t[[y / k, x / k, ch]])
-        })
-        .collect();
+    let tiles: Vec<Array3<f32>> = tiles.iter().map(|t| png::upscale(t.view(), k)).collect();
     let Some(grid) = png::grid(&tiles, 2 * cols, 2) else {
         return Ok(());
     };
