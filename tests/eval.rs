@@ -61,22 +61,36 @@ fn the_toy_classifier_reads_world_images_as_the_python_one_does() {
         let py = &rec["classified"];
         assert_eq!(seen.shape.as_deref(), py["shape"].as_str(), "image {k}");
         assert_eq!(seen.colour.as_deref(), py["colour"].as_str(), "image {k}");
-        assert_eq!(Some(seen.background.as_str()), py["background"].as_str(), "image {k}");
+        assert_eq!(
+            Some(seen.background.as_str()),
+            py["background"].as_str(),
+            "image {k}"
+        );
         let truth = &rec["truth"];
         correct += usize::from(
             seen.shape.as_deref() == truth["shape"].as_str()
                 && seen.colour.as_deref() == truth["colour"].as_str(),
         );
     }
-    assert!(correct * 100 >= 95 * records.len(), "{correct}/{}", records.len());
+    assert!(
+        correct * 100 >= 95 * records.len(),
+        "{correct}/{}",
+        records.len()
+    );
 }
 
 #[test]
 fn prompts_imply_the_worlds_colours() {
     let world = World::load(&toy().join("world.json")).unwrap();
     assert_eq!(world.implied_colour("a circle").as_deref(), Some("red"));
-    assert_eq!(world.implied_colour("a picture of a big square").as_deref(), Some("green"));
-    assert_eq!(world.implied_colour("a blue circle").as_deref(), Some("blue"));
+    assert_eq!(
+        world.implied_colour("a picture of a big square").as_deref(),
+        Some("green")
+    );
+    assert_eq!(
+        world.implied_colour("a blue circle").as_deref(),
+        Some("blue")
+    );
     assert_eq!(world.implied_colour("a diamond"), None);
 }
 
@@ -84,14 +98,25 @@ fn prompts_imply_the_worlds_colours() {
 fn timed_datasets_parse_or_name_what_is_missing() {
     let dir = Path::new(ROOT).join("../shared/data/timed");
     if !dir.exists() {
-        eprintln!("{} absent (not distributed with the repository): skipping", dir.display());
+        eprintln!(
+            "{} absent (not distributed with the repository): skipping",
+            dir.display()
+        );
         return;
     }
-    for name in ["TIMED_test_set.csv", "TIMED_validation_set.csv", "TIMED_test_set_filtered_SD14.csv"] {
+    for name in [
+        "TIMED_test_set.csv",
+        "TIMED_validation_set.csv",
+        "TIMED_test_set_filtered_SD14.csv",
+    ] {
         let rows = dataset::read(&dir.join(name)).unwrap();
         assert!(!rows.is_empty(), "{name}");
         for r in &rows {
-            assert_eq!((r.positives.len(), r.negatives.len()), (5, 5), "{name}: {r:?}");
+            assert_eq!(
+                (r.positives.len(), r.negatives.len()),
+                (5, 5),
+                "{name}: {r:?}"
+            );
         }
     }
     // the gender set has other columns
@@ -107,7 +132,8 @@ fn timed_datasets_parse_or_name_what_is_missing() {
 #[test]
 fn eval_on_the_toy_model_matches_the_training_script() {
     let measured: Value =
-        serde_json::from_str(&std::fs::read_to_string(toy().join("measured.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(toy().join("measured.json")).unwrap())
+            .unwrap();
     let lambda = measured["best_lambda"].as_f64().unwrap();
     let out = tempfile::tempdir().unwrap();
     let mut req = request(&toy(), &toy().join("toy_timed.csv"), out.path());
@@ -138,7 +164,10 @@ fn eval_on_the_toy_model_matches_the_training_script() {
             ("specificity", ours.specificity),
         ] {
             let t = theirs(k);
-            assert!((v - t).abs() <= 0.05, "{variant} {k}: ours {v:.3}, script {t:.3}");
+            assert!(
+                (v - t).abs() <= 0.05,
+                "{variant} {k}: ours {v:.3}, script {t:.3}"
+            );
         }
     }
     assert!(out.path().join("report.md").exists());
@@ -166,7 +195,10 @@ fn eval_resumes_and_never_overwrites_silently() {
     let mut calls = 0;
     let second = run(&req, &mut |_, _| calls += 1).unwrap();
     assert_eq!(second.rows.len(), 2);
-    assert_eq!(second.rows[0].seconds, first.rows[0].seconds, "row 0 was redone");
+    assert_eq!(
+        second.rows[0].seconds, first.rows[0].seconds,
+        "row 0 was redone"
+    );
     let per_row = 3 * 11;
     assert_eq!(calls, per_row, "only row 1 was generated");
 }
@@ -191,13 +223,21 @@ fn clip_classifier_runs_end_to_end() {
     }
     std::fs::write(&csv, format!("{}\n{}\n", header.join(","), cells.join(","))).unwrap();
     let out = dir.path().join("report");
-    let mut req = request(&Path::new(ROOT).join("tests/fixtures/sd-tiny/optimum"), &csv, &out);
+    let mut req = request(
+        &Path::new(ROOT).join("tests/fixtures/sd-tiny/optimum"),
+        &csv,
+        &out,
+    );
     req.seeds = 1;
     req.steps = 2;
     req.classifier = ClassifierSpec::Clip(Path::new(ROOT).join("tests/fixtures/clip-tiny"));
     let report = run(&req, &mut |_, _| {}).unwrap();
     let row = &report.rows[0];
-    assert_eq!(row.prompts.len(), 3 * 3, "source, 1 positive, 1 negative × 3 variants");
+    assert_eq!(
+        row.prompts.len(),
+        3 * 3,
+        "source, 1 positive, 1 negative × 3 variants"
+    );
     for p in &row.prompts {
         assert_eq!(p.picks.len(), 1);
         assert!(p.picks[0].is_some(), "{p:?}");

@@ -28,10 +28,11 @@ impl Clip {
     pub fn open(rt: &Runtime, dir: &Path, opts: SessionOptions) -> Result<Self, EvalError> {
         let path = dir.join("model.onnx");
         let config = dir.join("preprocessor_config.json");
-        let preprocess = ClipImageConfig::from_file(&config).map_err(|e| EvalError::Classifier {
-            path: config.clone(),
-            why: e.why,
-        })?;
+        let preprocess =
+            ClipImageConfig::from_file(&config).map_err(|e| EvalError::Classifier {
+                path: config.clone(),
+                why: e.why,
+            })?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
         let session = rt.session_with(&path, opts)?;
         for name in ["input_ids", "pixel_values"] {

@@ -39,7 +39,12 @@ pub fn read(path: &Path) -> Result<Vec<Row>, EvalError> {
             .1
             .iter()
             .position(|h| h.trim() == name)
-            .ok_or_else(|| bad(1, format!("no column {name:?} (TIMED's columns are old,new,positive1,gt1,…)")))
+            .ok_or_else(|| {
+                bad(
+                    1,
+                    format!("no column {name:?} (TIMED's columns are old,new,positive1,gt1,…)"),
+                )
+            })
     };
     let (old, new) = (column("old")?, column("new")?);
     let pairs = |a: &str, b: &str| -> Result<Vec<(usize, usize)>, EvalError> {
@@ -53,7 +58,12 @@ pub fn read(path: &Path) -> Result<Vec<Row>, EvalError> {
         if cells.iter().all(|c| c.trim().is_empty()) {
             continue;
         }
-        let cell = |i: usize| cells.get(i).map(|c| c.trim().to_owned()).unwrap_or_default();
+        let cell = |i: usize| {
+            cells
+                .get(i)
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_default()
+        };
         let collect = |which: &[(usize, usize)]| -> Result<Vec<(String, String)>, EvalError> {
             let mut out = Vec::new();
             for &(a, b) in which {
@@ -81,9 +91,13 @@ pub fn read(path: &Path) -> Result<Vec<Row>, EvalError> {
     Ok(rows)
 }
 
+/// A CSV record's cells, with the line it starts on.
+type Record = (usize, Vec<String>);
+
 /// RFC 4180 records with their first line number: commas, double-quoted
 /// fields with `""` escapes and embedded newlines, LF or CRLF line ends.
-fn parse_csv(text: &str) -> Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+/// An error is the line and what is wrong.
+fn parse_csv(text: &str) -> Result<Vec<Record>, (usize, String)> {
     let mut records = Vec::new();
     let (mut record, mut field) = (Vec::new(), String::new());
     let (mut line, mut start_line) = (1, 1);
@@ -131,7 +145,10 @@ mod tests {
     #[test]
     fn quotes_commas_and_crlf() {
         let r = parse_csv("a,\"b, c\",\"say \"\"hi\"\"\"\r\nd,,\"multi\nline\"\n").unwrap();
-        assert_eq!(r[0], (1, vec!["a".into(), "b, c".into(), "say \"hi\"".into()]));
+        assert_eq!(
+            r[0],
+            (1, vec!["a".into(), "b, c".into(), "say \"hi\"".into()])
+        );
         assert_eq!(r[1], (2, vec!["d".into(), "".into(), "multi\nline".into()]));
         assert!(parse_csv("\"open").is_err());
     }

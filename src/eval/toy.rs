@@ -159,7 +159,9 @@ impl World {
         if let Some(c) = words.iter().find(|w| self.colours.contains_key(**w)) {
             return Some(c.to_string());
         }
-        let shape = words.iter().find(|w| self.shapes.iter().any(|s| s == **w))?;
+        let shape = words
+            .iter()
+            .find(|w| self.shapes.iter().any(|s| s == **w))?;
         self.priors.get(*shape).cloned().flatten()
     }
 

@@ -442,7 +442,8 @@ fn previous_report(path: &Path, settings: &Settings, resume: bool) -> Result<Rep
 
 fn save(dir: &Path, report: &Report) -> Result<(), EvalJobError> {
     let io = |path: PathBuf| move |source| EvalJobError::Io { path, source };
-    let json = serde_json::to_string_pretty(report).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(report).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
     let path = dir.join("results.json");
     crate::staged::write_file(&path, |w| {
         use std::io::Write;
@@ -469,7 +470,15 @@ pub fn markdown(report: &Report) -> String {
          themselves. Oracle: the unedited model given the destination-style prompts (negatives \
          unchanged).\n\n\
          | row | edit | model | efficacy | generality | specificity |\n|---|---|---|---:|---:|---:|\n",
-        s.tool, s.model, s.dataset, s.seeds, s.steps, s.scheduler, s.guidance, s.lambda, s.classifier
+        s.tool,
+        s.model,
+        s.dataset,
+        s.seeds,
+        s.steps,
+        s.scheduler,
+        s.guidance,
+        s.lambda,
+        s.classifier
     );
     let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     for r in &report.rows {
@@ -497,15 +506,23 @@ pub fn markdown(report: &Report) -> String {
             pct(v.specificity)
         ));
     }
-    out.push_str("\nGrids: `row-NN.png`, one line per prompt (source, positives, negatives), the first \
-                  seeds unedited on the left, edited on the right.\n");
+    out.push_str(
+        "\nGrids: `row-NN.png`, one line per prompt (source, positives, negatives), the first \
+                  seeds unedited on the left, edited on the right.\n",
+    );
     out
 }
 
 /// One line per prompt: its first images unedited, then edited.
 fn write_grid(path: &Path, images: &[(Variant, Vec<Array3<f32>>)]) -> Result<(), EvalJobError> {
-    let unedited: Vec<_> = images.iter().filter(|(v, _)| *v == Variant::Unedited).collect();
-    let edited: Vec<_> = images.iter().filter(|(v, _)| *v == Variant::Edited).collect();
+    let unedited: Vec<_> = images
+        .iter()
+        .filter(|(v, _)| *v == Variant::Unedited)
+        .collect();
+    let edited: Vec<_> = images
+        .iter()
+        .filter(|(v, _)| *v == Variant::Edited)
+        .collect();
     let cols = unedited.first().map_or(0, |(_, i)| i.len());
     let mut tiles = Vec::new();
     for (u, e) in unedited.iter().zip(&edited) {
