@@ -124,7 +124,7 @@ def export(load_trained, out: Path) -> None:
     pipe.vae.save_config(str(new / "vae_decoder"))
     world.write_world(new / "world.json")
     acc = write_world_samples(new)
-    log(f"export: classifier accuracy on {96} world images: {acc}")
+    log(f"export: classifier accuracy on the world_samples.png images: {acc}")
     write_csv(new / "toy_timed.csv")
     vae_ck = torch.load(WORK / "vae.pt")
     loss_png(new / "loss_curves.png", {"VAE": vae_ck["losses"], "UNet + text encoder": st["losses"]})

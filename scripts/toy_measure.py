@@ -192,7 +192,7 @@ def measure(load_trained, out: Path) -> None:
                              "negatives": s.movement(A, src_set[6:11])}
             m.update(facts)
             row["edited"][str(lam)] = m
-            if r is not None and len(res["rows"]) == 0 and lam == 10.0:
+            if not res["rows"] and lam == 10.0:  # the first row's edited circles
                 sample_rows.append(ims[0])
             log(f"measure: {r['old']} -> {r['new']} λ={lam}: eff {m['efficacy']:.2f} gen {m['generality']:.2f} "
                 f"spec {m['specificity']:.2f} probes kept {m['probes_kept']:.2f} ({time.time() - t0:.0f} s)")

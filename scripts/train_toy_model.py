@@ -25,10 +25,8 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 

@@ -158,6 +158,16 @@ fn is_external(t: &TensorProto) -> bool {
     t.external_data.iter().any(|e| e.key == "location")
 }
 
+/// The first K/V weight of the fixture UNet: external, `[16, c]` (16 = the
+/// text embedding width, stored transposed).
+fn kv_weight(m: &mut ModelProto) -> &mut TensorProto {
+    graph(m)
+        .initializer
+        .iter_mut()
+        .find(|t| is_external(t) && t.dims.len() == 2 && t.dims[0] == 16)
+        .expect("a K/V weight [16, c]")
+}
+
 // ---------------------------------------------------------------------------
 // Malformed ONNX
 // ---------------------------------------------------------------------------
@@ -249,14 +259,7 @@ fn malformed_weight_headers_are_refused_by_edit_and_inspect() {
         ),
     ];
     for (case, change, words) in cases {
-        let (dir, unet) = unet_copy(|m| {
-            let t = graph(m)
-                .initializer
-                .iter_mut()
-                .find(|t| is_external(t) && t.dims.len() == 2 && t.dims[0] == 16)
-                .expect("a K/V weight [16, c]");
-            change(t);
-        });
+        let (dir, unet) = unet_copy(|m| change(kv_weight(m)));
         let out = dir.path().join("out.onnx");
         let before = tree(unet.parent().unwrap());
         let o = edit_cmd(&unet, &out, "a rose", "a blue rose")
@@ -315,14 +318,7 @@ fn locations_leaving_the_folder_are_refused_without_opening_anything_outside() {
     ];
     let strace = strace_available();
     for (case, location) in cases {
-        let (dir, unet) = unet_copy(|m| {
-            let t = graph(m)
-                .initializer
-                .iter_mut()
-                .find(|t| is_external(t) && t.dims.len() == 2 && t.dims[0] == 16)
-                .unwrap();
-            set_location(t, &location);
-        });
+        let (dir, unet) = unet_copy(|m| set_location(kv_weight(m), &location));
         std::os::unix::fs::symlink(&secret, unet.with_file_name("link.bin")).unwrap();
         let out = dir.path().join("out.onnx");
         let cmd = edit_cmd(&unet, &out, "a rose", "a blue rose");

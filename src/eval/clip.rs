@@ -79,16 +79,14 @@ impl Clip {
             .map(|img| self.preprocess.preprocess(*img).insert_axis(Axis(0)))
             .collect();
         let views: Vec<_> = pixels.iter().map(|p| p.view()).collect();
+        let shape_error = |e: ndarray::ShapeError| EvalError::Classifier {
+            path: path.clone(),
+            why: e.to_string(),
+        };
         let pixels: Array4<f32> = ndarray::concatenate(Axis(0), &views)
-            .map_err(|e| EvalError::Classifier {
-                path: self.path.clone(),
-                why: e.to_string(),
-            })?
+            .map_err(shape_error)?
             .into_dimensionality()
-            .map_err(|e| EvalError::Classifier {
-                path: self.path.clone(),
-                why: e.to_string(),
-            })?;
+            .map_err(shape_error)?;
         let has_mask = self
             .session
             .inputs()

@@ -32,6 +32,9 @@ pub struct World {
     min_pixels: usize,
     template: usize,
     shape_box: BTreeMap<String, [f64; 4]>,
+    /// Each shape rasterized on the template grid (derived at load).
+    #[serde(skip)]
+    templates: Vec<(String, Vec<bool>)>,
 }
 
 /// Whether unit coordinates (u, v) lie inside `shape` (toy_world.inside).
@@ -52,7 +55,7 @@ impl World {
             path: path.to_path_buf(),
             source,
         })?;
-        let world: World = serde_json::from_str(&text).map_err(|e| EvalError::Classifier {
+        let mut world: World = serde_json::from_str(&text).map_err(|e| EvalError::Classifier {
             path: path.to_path_buf(),
             why: e.to_string(),
         })?;
@@ -64,6 +67,11 @@ impl World {
                 });
             }
         }
+        world.templates = world
+            .shapes
+            .iter()
+            .map(|s| (s.clone(), world.template(s)))
+            .collect();
         Ok(world)
     }
 
@@ -135,10 +143,9 @@ impl World {
             .map(|k| mask[at(k / n, y0, y1) * w + at(k % n, x0, x1)])
             .collect();
         let mut best: Option<(f64, &String)> = None;
-        for s in &self.shapes {
-            let t = self.template(s);
-            let both = grid.iter().zip(&t).filter(|(a, b)| **a && **b).count();
-            let either = grid.iter().zip(&t).filter(|(a, b)| **a || **b).count();
+        for (s, t) in &self.templates {
+            let both = grid.iter().zip(t).filter(|(a, b)| **a && **b).count();
+            let either = grid.iter().zip(t).filter(|(a, b)| **a || **b).count();
             let iou = both as f64 / either.max(1) as f64;
             if best.is_none_or(|(b, _)| iou > b) {
                 best = Some((iou, s));

@@ -20,7 +20,7 @@ use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores
 use crate::pipeline::png;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
-use crate::runtime::{Runtime, SessionOptions};
+use crate::runtime::{LoadError, Runtime, SessionOptions};
 use crate::unet::weights::Targets;
 use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest};
 use crate::workflow::generate::{GenerateError, Generator, Params};
@@ -159,6 +159,9 @@ pub enum EvalJobError {
     /// The edit.
     #[error(transparent)]
     Edit(#[from] EditJobError),
+    /// ONNX Runtime could not be loaded.
+    #[error(transparent)]
+    Runtime(#[from] LoadError),
     /// Bad settings or a report that does not fit them.
     #[error("{0}")]
     Invalid(String),
@@ -213,7 +216,7 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         })?;
     }
 
-    let rt = Runtime::load().map_err(|e| EvalJobError::Invalid(e.to_string()))?;
+    let rt = Runtime::load()?;
     let mut generator = Generator::open_with_safety(&rt, &req.model, None, req.session, true)?;
     let mut classifier = Classifier::open(&req.classifier, &rt, &req.model, req.session)?;
     let (height, width) = generator.default_size();
@@ -441,22 +444,15 @@ fn previous_report(path: &Path, settings: &Settings, resume: bool) -> Result<Rep
 }
 
 fn save(dir: &Path, report: &Report) -> Result<(), EvalJobError> {
-    let io = |path: PathBuf| move |source| EvalJobError::Io { path, source };
+    use std::io::Write;
     let json =
         serde_json::to_string_pretty(report).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
-    let path = dir.join("results.json");
-    crate::staged::write_file(&path, |w| {
-        use std::io::Write;
-        w.write_all(json.as_bytes())
-    })
-    .map_err(io(path))?;
-    let path = dir.join("report.md");
-    let md = markdown(report);
-    crate::staged::write_file(&path, |w| {
-        use std::io::Write;
-        w.write_all(md.as_bytes())
-    })
-    .map_err(io(path))
+    for (name, text) in [("results.json", json), ("report.md", markdown(report))] {
+        let path = dir.join(name);
+        crate::staged::write_file(&path, |w| w.write_all(text.as_bytes()))
+            .map_err(|source| EvalJobError::Io { path, source })?;
+    }
+    Ok(())
 }
 
 /// The report as the paper's table: one line per row and variant, then the means.
