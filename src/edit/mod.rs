@@ -22,7 +22,7 @@ pub mod solve;
 pub use align::{
     ArticleRule, DEFAULT_AUGMENTATIONS, align, align_prompts, augmentation_base, prompt_pairs,
 };
-pub use solve::{Operator, apply_transposed, solve};
+pub use solve::{Change, Operator, apply_transposed, solve};
 
 use crate::text::TextError;
 
@@ -140,6 +140,13 @@ pub enum EditError {
     NotPositiveDefinite {
         /// The λ used.
         lambda: f64,
+        /// LAPACK's report.
+        #[source]
+        source: ndarray_linalg::error::LinalgError,
+    },
+    /// LAPACK failed to factor the embedding shifts (QR).
+    #[error("factoring the embedding shifts failed: {source}")]
+    Factorization {
         /// LAPACK's report.
         #[source]
         source: ndarray_linalg::error::LinalgError,

@@ -8,8 +8,9 @@
 //! edit touch only the V columns of it.
 
 use half::{bf16, f16};
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayViewMut2, Axis};
 
+use crate::edit::Change;
 use crate::onnx::DataType;
 use crate::onnx::cross_attention::{Layout, Projection, Role};
 
@@ -156,22 +157,27 @@ pub fn encode(values: &[f64], dtype: DataType, tensor: &str) -> Result<Vec<u8>, 
     Ok(out)
 }
 
-/// Applies Aᵀ to the weight `p` whose stored bytes are `bytes`.
+/// Applies the edit whose Aᵀ − I is `change` to the weight `p` whose stored
+/// bytes are `bytes`: W'ᵀ = Wᵀ + (Aᵀ − I)·Wᵀ.
 ///
-/// `at: [d, d] f64` is Aᵀ; `at32` the same rounded to f32. Weights stored in
-/// f32 or narrower are multiplied in f32 (one BLAS sgemm: the 32 weights of an
-/// SD 1.x UNet are 29 GFLOP, twice as fast as f64, and f32 accumulation over
-/// d = 768 terms keeps ~1e-6 relative accuracy, far below fp16 rounding and
-/// below our 1e-5 bar); f64 weights in f64.
+/// `change32` is `change` rounded to f32. Weights stored in f32 or narrower
+/// are multiplied in f32 (BLAS sgemm: the 32 weights of an SD 1.x UNet are
+/// 22–29 GFLOP, twice as fast as f64, and f32 accumulation over d = 768
+/// terms keeps ~1e-6 relative accuracy, far below fp16 rounding and below
+/// our 1e-5 bar); f64 weights in f64. Adding the change to the stored
+/// values, rather than multiplying by Aᵀ, keeps the untouched part exact.
+/// An f32 weight is edited in place in the buffer that becomes its new bytes:
+/// fresh memory is paid for in page faults, which cost as much as the
+/// arithmetic when every weight takes four buffers.
 pub fn apply(
-    at: ArrayView2<f64>,
-    at32: ArrayView2<f32>,
+    change: &Change<f64>,
+    change32: &Change<f32>,
     p: &Projection,
     bytes: &[u8],
     targets: Targets,
 ) -> Result<EditedWeight, WeightError> {
     let name = &p.initializer;
-    let d = at.nrows();
+    let d = change.dim();
     if p.width() != d {
         return Err(WeightError::Width {
             tensor: name.clone(),
@@ -185,36 +191,136 @@ pub fn apply(
             why: format!("shape {:?}", p.tensor.shape),
         });
     };
-    let malformed = |e: ndarray::ShapeError| WeightError::Malformed {
-        tensor: name.clone(),
-        why: e.to_string(),
-    };
-    if p.tensor.dtype == DataType::Double {
-        let values = decode(bytes, p.tensor.dtype, name)?;
-        let stored = Array2::from_shape_vec((rows, cols), values).map_err(malformed)?;
-        let new = edit_stored(at, stored.view(), p, targets);
-        let relative_change = relative_change(stored.view(), new.view());
-        let bytes = encode(
-            new.as_slice()
-                .unwrap_or(&new.iter().copied().collect::<Vec<_>>()),
-            p.tensor.dtype,
-            name,
-        )?;
-        return Ok(EditedWeight {
-            bytes,
-            relative_change,
-        });
+    let shape = (rows, cols);
+    match p.tensor.dtype {
+        DataType::Double => {
+            let mut values = decode(bytes, p.tensor.dtype, name)?;
+            let sizes = edit_in_place(change, &mut values, shape, p, targets)?;
+            Ok(EditedWeight {
+                bytes: encode(&values, p.tensor.dtype, name)?,
+                relative_change: sizes.relative(),
+            })
+        }
+        DataType::Float if cfg!(target_endian = "little") => {
+            let mut out = bytes.to_vec();
+            let Ok(values) = bytemuck::try_cast_slice_mut::<u8, f32>(&mut out) else {
+                return apply_f32_copy(change32, p, bytes, shape, targets);
+            };
+            let sizes = edit_in_place(change32, values, shape, p, targets)?;
+            // |w'| ≤ ‖W‖ + ‖Z‖ entry by entry (P has orthonormal columns), so
+            // only a weight near f32's range needs the pass that looks.
+            if sizes.before + sizes.change >= 1e38 && values.iter().any(|v| !v.is_finite()) {
+                return Err(WeightError::NonFinite {
+                    tensor: name.clone(),
+                });
+            }
+            Ok(EditedWeight {
+                bytes: out,
+                relative_change: sizes.relative(),
+            })
+        }
+        _ => apply_f32_copy(change32, p, bytes, shape, targets),
     }
-    let stored = Array2::from_shape_vec((rows, cols), decode_f32(bytes, p.tensor.dtype, name)?)
-        .map_err(malformed)?;
-    let new = edit_stored(at32, stored.view(), p, targets);
-    let relative_change = relative_change(stored.view(), new.view());
-    let new = new.as_standard_layout();
-    let bytes = encode_f32(new.as_slice().unwrap_or_default(), p.tensor.dtype, name)?;
+}
+
+/// [`apply`] for f32, f16 and bf16 storage through a decoded f32 copy.
+fn apply_f32_copy(
+    change32: &Change<f32>,
+    p: &Projection,
+    bytes: &[u8],
+    shape: (usize, usize),
+    targets: Targets,
+) -> Result<EditedWeight, WeightError> {
+    let name = &p.initializer;
+    let mut values = decode_f32(bytes, p.tensor.dtype, name)?;
+    let sizes = edit_in_place(change32, &mut values, shape, p, targets)?;
     Ok(EditedWeight {
-        bytes,
-        relative_change,
+        bytes: encode_f32(&values, p.tensor.dtype, name)?,
+        relative_change: sizes.relative(),
     })
+}
+
+/// Edits the stored matrix `values` (`shape`, row-major) in place: Wᵀ `[d,
+/// out]` storage gains (Aᵀ − I)·Wᵀ, W `[out, d]` storage W·(A − I), on the
+/// selected columns of Wᵀ only.
+fn edit_in_place<T>(
+    change: &Change<T>,
+    values: &mut [T],
+    shape: (usize, usize),
+    p: &Projection,
+    targets: Targets,
+) -> Result<Sizes, WeightError>
+where
+    T: ndarray::LinalgScalar + Into<f64>,
+{
+    let non_finite = || WeightError::NonFinite {
+        tensor: p.initializer.clone(),
+    };
+    let norm = sum_of_squares(values);
+    if !norm.is_finite() {
+        return Err(non_finite());
+    }
+    let stored = ArrayViewMut2::from_shape(shape, values).map_err(|e| WeightError::Malformed {
+        tensor: p.initializer.clone(),
+        why: e.to_string(),
+    })?;
+    // Work on Wᵀ `[d, out]`: the stored matrix, or its transposed view.
+    let mut wt = match p.layout {
+        Layout::Transposed => stored,
+        Layout::Direct => stored.reversed_axes(),
+    };
+    let selected = selected_columns(p.role, wt.ncols(), targets);
+    let z = if selected.len() == wt.ncols() {
+        change.add_to(wt)
+    } else {
+        let mut part = wt.select(Axis(1), &selected);
+        let z = change.add_to(part.view_mut());
+        for (k, &c) in selected.iter().enumerate() {
+            wt.column_mut(c).assign(&part.column(k));
+        }
+        z
+    };
+    let moved = z.as_slice().map_or_else(
+        || sum_of_squares(&z.iter().copied().collect::<Vec<_>>()),
+        sum_of_squares,
+    );
+    if !moved.is_finite() {
+        return Err(non_finite());
+    }
+    Ok(Sizes {
+        before: norm.sqrt(),
+        change: moved.sqrt(),
+    })
+}
+
+/// Frobenius norms of a weight and of the change made to it.
+struct Sizes {
+    /// ‖W‖.
+    before: f64,
+    /// ‖W' − W‖.
+    change: f64,
+}
+
+impl Sizes {
+    /// ‖W' − W‖ / ‖W‖ (0 for an all-zero weight).
+    fn relative(&self) -> f64 {
+        if self.before > 0.0 {
+            self.change / self.before
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Σ x² in f64 (infinite or NaN when an element is).
+fn sum_of_squares<T: Copy + Into<f64>>(values: &[T]) -> f64 {
+    values
+        .iter()
+        .map(|&x| {
+            let x: f64 = x.into();
+            x * x
+        })
+        .sum()
 }
 
 /// [`decode`] straight to f32, for f32/f16/bf16 storage (the hot path).
@@ -246,67 +352,43 @@ fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, 
             tensor: tensor.to_string(),
         });
     }
+    let overflow = |value: f32| WeightError::Overflow {
+        tensor: tensor.to_string(),
+        value: value.into(),
+        dtype,
+    };
+    let mut out = Vec::with_capacity(values.len() * dtype.size().unwrap_or(4));
     match dtype {
-        DataType::Float => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        _ => encode(
-            &values.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
-            dtype,
-            tensor,
-        ),
-    }
-}
-
-/// Aᵀ·Wᵀ for `[d, out]` storage, W·A for `[out, d]`, on the selected part only.
-fn edit_stored<T>(
-    at: ArrayView2<T>,
-    stored: ArrayView2<T>,
-    p: &Projection,
-    targets: Targets,
-) -> Array2<T>
-where
-    T: ndarray::LinalgScalar,
-{
-    let cols = match p.layout {
-        Layout::Transposed => stored.ncols(),
-        Layout::Direct => stored.nrows(),
-    };
-    let selected = selected_columns(p.role, cols, targets);
-    if selected.len() == cols {
-        // The common case, straight into BLAS without copies.
-        return match p.layout {
-            Layout::Transposed => at.dot(&stored),
-            Layout::Direct => stored.dot(&at.t()),
-        };
-    }
-    let mut wt = match p.layout {
-        Layout::Transposed => stored.to_owned(),
-        Layout::Direct => stored.t().to_owned(),
-    };
-    if !selected.is_empty() {
-        let edited = at.dot(&wt.select(Axis(1), &selected));
-        for (k, &c) in selected.iter().enumerate() {
-            wt.column_mut(c).assign(&edited.column(k));
+        DataType::Float => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DataType::Float16 => {
+            for &v in values {
+                let x = f16::from_f32(v);
+                if !x.is_finite() {
+                    return Err(overflow(v));
+                }
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        DataType::BFloat16 => {
+            for &v in values {
+                let x = bf16::from_f32(v);
+                if !x.is_finite() {
+                    return Err(overflow(v));
+                }
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        _ => {
+            return encode(
+                &values.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+                dtype,
+                tensor,
+            );
         }
     }
-    match p.layout {
-        Layout::Transposed => wt,
-        Layout::Direct => wt.reversed_axes(),
-    }
-}
-
-/// ‖new − old‖ / ‖old‖ over the entries that changed role (whole matrix).
-fn relative_change<T: Copy + Into<f64>>(old: ArrayView2<T>, new: ArrayView2<T>) -> f64 {
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (&a, &b) in old.iter().zip(new.iter()) {
-        let (a, b): (f64, f64) = (a.into(), b.into());
-        diff += (b - a) * (b - a);
-        norm += a * a;
-    }
-    if norm > 0.0 {
-        (diff / norm).sqrt()
-    } else {
-        0.0
-    }
+    Ok(out)
 }
 
 /// A stored weight in torch's `[out, d]` layout, as f32.

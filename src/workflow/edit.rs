@@ -238,10 +238,11 @@ pub fn run_with_progress(
     if let Some((model, projections)) = &unet {
         let mut patches = Vec::new();
         let mut torch = BTreeMap::new();
-        let at32 = operator.transposed().mapv(|v| v as f32);
+        let change = operator.change();
+        let change32 = change.map(|v| v as f32);
         for p in projections {
             let old = model.tensor_bytes(&p.tensor)?;
-            let edited = weights::apply(operator.transposed(), at32.view(), p, &old, req.targets)?;
+            let edited = weights::apply(&change, &change32, p, &old, req.targets)?;
             layers.push(LayerReport {
                 initializer: p.initializer.clone(),
                 module: p.module.clone(),
