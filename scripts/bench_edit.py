@@ -14,16 +14,21 @@ Contenders, side by side on the same input files, each in its own process:
        32 K/V initializers replaced through numpy_helper, onnx.save_model into one weights.pb.
   (D)  <release binary> time-onnx edit --model <model> --src ... --dst ... --save-operator <tmp>/op.safetensors
            the edit as an operator only: no UNet read or written (text encoder, solve, fingerprint, file)
+  (E)  (B) with --dry-run: everything but the write. Since time-onnx copies the UNet's bulk in a background
+       thread while the text encoder and the solve run, B's own stage times are those of stages sharing the
+       two cores with the copy; E gives them alone: the text encoder's time subtracted from B, and
+       "solve + apply".
 
 Method: `cargo build --release` first (of the working tree; with --rev REV, of that commit exported by
 `git archive` into third_party/bench-edit-build/, with its own target folder, so work in progress in the
 shared tree is neither measured nor disturbed); then every contender runs once untimed (warms the page cache),
-then `--runs` timed rounds, each round running A, A', B, C, D in turn; the median is reported. Before
+then `--runs` timed rounds, each round running A, A', B, C, D, E in turn; the median is reported. Before
 every run the previous output is deleted, `sync` is called, and the script waits for 2 idle seconds on
 the machine (none of it timed), so no run pays for another's write-back. Wall time is measured around the
 process; peak RSS comes from GNU time (/usr/bin/time -f %M; wait4()'s ru_maxrss as a fallback); the
-CPU time other processes used during each run is recorded (the machine is shared). (B) and (D) are then
-run once more with -v for their stage split.
+CPU time other processes used during each run is recorded (the machine is shared). B, D and E run with
+-v, which prints their stage split (one line on stderr); the medians of each stage over the rounds are
+reported.
 
 Models: --model (default third_party/sd14-random, built by scripts/make_full_size_model.py when missing)
 and --tiny (default tests/fixtures/sd-tiny/diffusers-onnx), both in diffusers' convert-script layout.
@@ -148,6 +153,11 @@ class Contender:
                  env: dict | None = None):
         self.key, self.label, self.cmd, self.out, self.mkdir, self.env = key, label, cmd, out, mkdir, env
         self.runs: list[Result] = []
+        self.splits: list[dict[str, float]] = []
+
+    def median_stage(self, *names: str) -> float:
+        """Median over the timed runs of the sum of these stages (ms)."""
+        return statistics.median(sum(sp.get(n, 0.0) for n in names) for sp in self.splits)
 
     def prepare(self) -> None:
         rm(self.out)
@@ -163,9 +173,11 @@ class Contender:
         if r.rc != 0:
             raise SystemExit(f"{self.label} failed (exit {r.rc}):\n{r.stdout}\n{r.stderr}")
         produced = sum(f.stat().st_size for f in self.out.rglob("*") if f.is_file()) if self.out.is_dir() \
-            else self.out.stat().st_size
+            else self.out.stat().st_size if self.out.exists() else 0
         if timed:
             self.runs.append(r)
+            if "-v" in self.cmd:
+                self.splits.append(parse_split(r.stderr)[1])
         say(f"  {self.key:<3s} {'timed ' if timed else 'warmup'} {r.wall:7.2f} s  (CPU {r.cpu:6.2f} s, others "
             f"{r.foreign:5.2f} s)  peak RSS {r.rss_kb / 1024:7.0f} MiB  (output {produced / 2**20:.0f} MiB)")
         rm(self.out)
@@ -221,10 +233,11 @@ def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: 
     vpy = str(VENV / "bin" / "python")
     py_env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    b_cmd = [str(binary), "edit", str(unet), "--src", SRC, "--dst", DST, "-o", str(work / "out" / "model.onnx")]
+    b_cmd = [str(binary), "-v", "edit", str(unet), "--src", SRC, "--dst", DST, "-o", str(work / "out" / "model.onnx")]
     b_env = binary_env(binary)
-    d_cmd = [str(binary), "edit", "--model", str(model), "--src", SRC, "--dst", DST, "--save-operator",
+    d_cmd = [str(binary), "-v", "edit", "--model", str(model), "--src", SRC, "--dst", DST, "--save-operator",
              str(work / "op.safetensors")]
+    e_cmd = [str(binary), "-v", "edit", str(unet), "--src", SRC, "--dst", DST, "--dry-run"]
     unet_files = sorted(p.name for p in (model / "unet").iterdir())
     contenders = [
         Contender("A", "cp -r", ["cp", "-r", str(model / "unet"), str(work / "unet_copy")], work / "unet_copy"),
@@ -235,6 +248,7 @@ def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: 
         Contender("C", "Python route", [vpy, str(Path(__file__).resolve()), "--python-route", str(unet),
                                         str(work / "py_out")], work / "py_out", env=py_env),
         Contender("D", "time-onnx edit --save-operator", d_cmd, work / "op.safetensors", env=b_env),
+        Contender("E", "time-onnx edit --dry-run", e_cmd, work / "nothing", env=b_env),
     ]
     say(f"== {name}: {model} (UNet folder {sum(f.stat().st_size for f in (model / 'unet').iterdir()) / 2**20:.0f} MiB)")
     for c in contenders:
@@ -243,23 +257,10 @@ def bench_model(key: str, name: str, model: Path, tmp: Path, runs: int, binary: 
         say(f" round {r + 1}/{runs}")
         for c in contenders:
             c.run(timed=True)
-    # the splits, from one more -v run of B and of D
-    splits = {}
-    for c in (contenders[2], contenders[4]):
-        c.prepare()
-        rv = run_measured([c.cmd[0], "-v", *c.cmd[1:]], c.env)
-        if rv.rc != 0:
-            raise SystemExit(f"time-onnx -v failed:\n{rv.stderr}")
-        rm(c.out)
-        line, split = parse_split(rv.stderr)
-        say(f"  {c.key} -v: {rv.wall:.2f} s; {line}")
-        splits[c.key] = (line, split, rv.wall)
     b, d = contenders[2], contenders[4]
     stdout_b = re.sub(r"; wrote .*", "", ANSI_RE.sub("", b.runs[-1].stdout).strip())
     stdout_d = re.sub(r" written to .*", "", ANSI_RE.sub("", d.runs[-1].stdout).strip())
     return {"key": key, "name": name, "model": model, "contenders": {c.key: c for c in contenders},
-            "split_line": splits["B"][0], "split": splits["B"][1], "split_wall": splits["B"][2],
-            "d_split_line": splits["D"][0], "d_split": splits["D"][1], "d_split_wall": splits["D"][2],
             "b_stdout": stdout_b, "d_stdout": stdout_d, "c_stdout": contenders[3].runs[-1].stdout.strip()}
 
 
@@ -280,7 +281,7 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
                f"{facts['load'][1]} after; {facts['quiet']} (other processes on the shared machine are not "
                f"controlled, see the \"others' CPU\" column).")
     out.append("")
-    out.append(f"Method: each contender runs once untimed (page cache warm), then {runs} timed rounds run A, A', B, C, D "
+    out.append(f"Method: each contender runs once untimed (page cache warm), then {runs} timed rounds run A, A', B, C, D, E "
                "in turn; medians are reported. Every run is its own process; before each, the previous output is "
                "deleted, `sync` is called, and the script waits until the machine has been idle for 2 s (at most "
                "120 s; none of this is timed). Wall time is measured around the process, peak RSS is "
@@ -305,6 +306,14 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
                "<tmp>/op.safetensors`: the edit as an operator (the d×d matrix A, for `generate --edit`), no UNet "
                "read or written: tokenizer, text encoder run, solve, SHA-256 fingerprint of the text encoder's "
                "weights, operator file.")
+    out.append("- **E** B with `--dry-run`: everything but the write. time-onnx copies the UNet's bulk in a "
+               "background thread, started once the prompts are tokenized and aligned, while the text encoder, the "
+               "solve and the apply run; B's own stage times are therefore those of stages sharing the two cores "
+               "with the copy. E gives each stage alone: its text encoder time is what is subtracted from B, and "
+               "its solve + apply is the figure for that target.")
+    out.append("")
+    out.append("B, D and E run with `-v`, which prints the time of each stage on one line of stderr; the tables "
+               "give each stage's median over the timed runs.")
     out.append("")
     for r in results:
         c = r["contenders"]
@@ -317,27 +326,34 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
         out.append(f"| contender | median wall (s) | runs (s) | min (s) | CPU user+sys, median (s) | others' CPU during a "
                    f"run, max (s) | peak RSS, median (MiB) |")
         out.append("|---|---:|---|---:|---:|---:|---:|")
-        for k in ("A", "A'", "B", "C", "D"):
+        for k in ("A", "A'", "B", "C", "D", "E"):
             x = c[k]
             runs_s = ", ".join(f"{q.wall:.3f}" for q in x.runs)
             out.append(f"| {k}: {x.label} | {x.median_wall:.3f} | {runs_s} | {x.min_wall:.3f} | {x.median_cpu:.2f} | {x.max_foreign:.2f} | "
                        f"{x.median_rss:,.0f} |")
         out.append("")
-        sp = r["split"]
-        te_s = sp.get("text encoder", 0.0) / 1e3
+        stages = ["read UNet", "tokenize", "text encoder", "solve", "save operator", "apply", "write"]
+
+        def split_line(x) -> str:
+            names = [n for n in stages if any(n in sp for sp in x.splits)]
+            return ", ".join(f"{n} {x.median_stage(n):.0f} ms" for n in names)
+
+        te_s = c["E"].median_stage("text encoder") / 1e3
         b_wall, a_wall, ap_wall, c_wall = c["B"].median_wall, c["A"].median_wall, c["A'"].median_wall, c["C"].median_wall
         b_minus_te = b_wall - te_s
-        out.append(f"Split of B (one extra `-v` run, {r['split_wall']:.2f} s wall): `{r['split_line']}`")
+        out.append("Stages, medians over the timed runs (`-v`):")
         out.append("")
-        out.append(f"Split of D (one extra `-v` run, {r['d_split_wall']:.2f} s wall): `{r['d_split_line']}`; "
-                   f"D printed: \"{r['d_stdout'].splitlines()[-1] if r['d_stdout'] else ''}\".")
+        for k in ("B", "D", "E"):
+            out.append(f"- {k}: {split_line(c[k])}")
+        out.append("")
+        out.append(f"D printed: \"{r['d_stdout'].splitlines()[-1] if r['d_stdout'] else ''}\".")
         out.append("")
         if r["key"] == "full":
             out.append("| target | measured | verdict |")
             out.append("|---|---|---|")
             ratio_a = b_minus_te / a_wall
             per_round_a = [(br.wall - te_s) / ar.wall for br, ar in zip(c["B"].runs, c["A"].runs)]
-            out.append(f"| (B − text encoder) ≤ 1.2 × A | ({b_wall:.2f} − {te_s:.2f}) / {a_wall:.2f} = "
+            out.append(f"| (B − text encoder of E) ≤ 1.2 × A | ({b_wall:.2f} − {te_s:.2f}) / {a_wall:.2f} = "
                        f"**{ratio_a:.2f} ×** (per round {min(per_round_a):.2f}–{max(per_round_a):.2f} ×) | "
                        f"{verdict(ratio_a <= 1.2)}"
                        f"{'' if ratio_a <= 1.2 else f' by {ratio_a / 1.2:.2f} × ({b_minus_te - 1.2 * a_wall:.2f} s over)'} |")
@@ -354,14 +370,13 @@ def render(results: list[dict], facts: dict, command: str, runs: int, build_s: f
             rss = c["B"].max_rss
             out.append(f"| peak RSS of B < 1 GB (1024 MiB) | max over timed runs {rss:,.0f} MiB (C: "
                        f"{c['C'].median_rss:,.0f} MiB) | {verdict(rss < 1024)} |")
-            if "solve and apply" in sp:
-                sa, sa_from = sp["solve and apply"], "\"solve and apply\""
-            elif "solve" in sp and "apply" in sp:
-                sa, sa_from = sp["solve"] + sp["apply"], f"\"solve\" {sp['solve']:.0f} ms + \"apply\" {sp['apply']:.0f} ms"
-            else:
-                sa, sa_from = float("nan"), "no solve/apply timing in the -v line"
-            out.append(f"| solve + apply to all 32 K/V matrices (d = 768) < 150 ms | {sa:.0f} ms ({sa_from} "
-                       f"of the -v run) | {verdict(sa < 150)}{'' if sa < 150 else f' by {sa / 150:.1f} × ({sa - 150:.0f} ms over)'} |")
+            sa = c["E"].median_stage("solve", "apply")
+            sa_runs = ", ".join(f"{sp['solve'] + sp['apply']:.0f}" for sp in c["E"].splits)
+            sa_b = c["B"].median_stage("solve", "apply")
+            out.append(f"| solve + apply to all 32 K/V matrices (d = 768) < 150 ms | E: **{sa:.0f} ms** (median of "
+                       f"\"solve\" + \"apply\"; runs {sa_runs} ms) | {verdict(sa < 150)}"
+                       f"{'' if sa < 150 else f' by {sa / 150:.1f} × ({sa - 150:.0f} ms over)'} |")
+            out.append(f"| (information) the same within B, sharing the cores with the copy | {sa_b:.0f} ms | — |")
             d_wall = c["D"].median_wall
             d_max = max(x.wall for x in c["D"].runs)
             ok = d_wall < 2.0

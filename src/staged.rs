@@ -80,6 +80,11 @@ impl Staged {
         Ok(self.files.last().expect("just pushed"))
     }
 
+    /// The temporary file created for `dest`, if any.
+    pub fn find(&self, dest: &Path) -> Option<&TempFile> {
+        self.files.iter().find(|f| f.dest == dest)
+    }
+
     /// Renames the files into place in the order they were created (data
     /// files before the model that points at them). The first destination's
     /// folder is locked meanwhile, so two processes writing the same output

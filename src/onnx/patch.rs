@@ -20,6 +20,8 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prost::Message;
 
@@ -97,156 +99,245 @@ pub fn write_patched(
     metadata: &[(String, String)],
     output: &Path,
 ) -> Result<Written, WriteError> {
-    write_patched_with_progress(model, patches, metadata, output, &mut |_, _| {})
+    Copying::start(model, output)?.finish(model, patches, metadata, &mut |_, _| {})
 }
 
-/// [`write_patched`], telling `progress(bytes copied, bytes to copy)` as the
-/// copy advances (a few hundred MB at a time).
-pub fn write_patched_with_progress(
-    model: &Model,
-    patches: &[TensorPatch],
-    metadata: &[(String, String)],
-    output: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Written, WriteError> {
-    for p in patches {
-        if p.data.len() as u64 != p.tensor.nbytes {
-            return Err(WriteError::LengthMismatch {
-                tensor: p.tensor.name.clone(),
-                got: p.data.len(),
-                expected: p.tensor.nbytes,
-            });
-        }
-        if p.tensor.storage == Storage::Typed {
-            return Err(WriteError::Unpatchable(p.tensor.name.clone()));
-        }
-    }
-    let out_dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let out_name = output
-        .file_name()
-        .ok_or_else(|| WriteError::Io {
-            path: output.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-        })?
-        .to_string_lossy()
-        .into_owned();
+/// The copy of a model's bulk (its external data files, or the model file
+/// itself when it has none) into temporary files beside `output`, under way
+/// in a background thread while the caller computes the patches.
+///
+/// The copy is the floor of the whole edit: gigabytes that the kernel moves
+/// on one core and, once past the dirty-page limits, at the speed of the
+/// disk. Starting it before the text encoder runs hides that work behind
+/// the computation instead of adding to it. Dropping a `Copying` stops the
+/// thread within one step and removes the temporary files.
+pub struct Copying {
+    /// Old location → new file name, for every external file.
+    locations: BTreeMap<String, String>,
+    out_dir: PathBuf,
+    output: PathBuf,
+    /// Every output path: the model first, then the data files.
+    outputs: Vec<PathBuf>,
+    staged: Staged,
+    thread: Option<std::thread::JoinHandle<Result<(), WriteError>>>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    total: u64,
+}
 
-    // Every external file the graph's initializers use, and its new name.
-    let mut locations = BTreeMap::new();
-    for t in &model.graph()?.initializer {
-        if let Storage::External { location, .. } = model.tensor_info(t)?.storage {
-            locations.entry(location).or_insert_with(String::new);
-        }
-    }
-    let single = locations.len() == 1;
-    for (old, new) in locations.iter_mut() {
-        *new = if single {
-            format!("{out_name}_data")
-        } else {
-            format!("{out_name}_data.{}", sanitize(old))
+impl Copying {
+    /// Checks the output names and starts copying. Refuses to write over any
+    /// file the model reads.
+    pub fn start(model: &Model, output: &Path) -> Result<Self, WriteError> {
+        let out_dir = match output.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
         };
+        let out_name = output
+            .file_name()
+            .ok_or_else(|| WriteError::Io {
+                path: output.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+            })?
+            .to_string_lossy()
+            .into_owned();
+
+        // Every external file the graph's initializers use, and its new name.
+        let mut locations = BTreeMap::new();
+        for t in &model.graph()?.initializer {
+            if let Storage::External { location, .. } = model.tensor_info(t)?.storage {
+                locations.entry(location).or_insert_with(String::new);
+            }
+        }
+        let single = locations.len() == 1;
+        for (old, new) in locations.iter_mut() {
+            *new = if single {
+                format!("{out_name}_data")
+            } else {
+                format!("{out_name}_data.{}", sanitize(old))
+            };
+        }
+
+        // Refuse to write over any file we read.
+        let mut inputs = vec![model.path().to_path_buf()];
+        for old in locations.keys() {
+            inputs.push(model.external_path(old)?);
+        }
+        let mut outputs = vec![output.to_path_buf()];
+        outputs.extend(locations.values().map(|n| out_dir.join(n)));
+        for o in &outputs {
+            for i in &inputs {
+                if same_file(o, i) {
+                    return Err(WriteError::SameAsInput {
+                        output: o.clone(),
+                        input: i.clone(),
+                    });
+                }
+            }
+        }
+
+        // (source, temporary file) pairs: the external files, or the model.
+        let mut staged = Staged::default();
+        let mut jobs = Vec::new();
+        let mut total = 0u64;
+        let mut add = |src: PathBuf, dest: &Path, staged: &mut Staged| {
+            total += std::fs::metadata(&src).map(|m| m.len()).unwrap_or(0);
+            let tmp = staged.create(dest).map_err(|source| io(dest, source))?;
+            let file = tmp.file.try_clone().map_err(|source| io(&tmp.path, source))?;
+            jobs.push((src, file, tmp.path.clone()));
+            Ok::<_, WriteError>(())
+        };
+        for (old, new) in &locations {
+            add(model.external_path(old)?, &out_dir.join(new), &mut staged)?;
+        }
+        if locations.is_empty() {
+            add(model.path().to_path_buf(), output, &mut staged)?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+            std::thread::Builder::new()
+                .name("copy".into())
+                .spawn(move || {
+                    for (src, file, path) in jobs {
+                        copy_into(&src, &file, &path, &stop, &done)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|source| io(output, source))?
+        };
+        Ok(Self {
+            locations,
+            out_dir,
+            output: output.to_path_buf(),
+            outputs,
+            staged,
+            thread: Some(thread),
+            stop,
+            done,
+            total,
+        })
     }
 
-    // Refuse to write over any file we read.
-    let mut inputs = vec![model.path().to_path_buf()];
-    for old in locations.keys() {
-        inputs.push(model.external_path(old)?);
-    }
-    let mut outputs = vec![output.to_path_buf()];
-    outputs.extend(locations.values().map(|n| out_dir.join(n)));
-    for o in &outputs {
-        for i in &inputs {
-            if same_file(o, i) {
-                return Err(WriteError::SameAsInput {
-                    output: o.clone(),
-                    input: i.clone(),
+    /// Waits for the copy, telling `progress(bytes copied, bytes to copy)`
+    /// every tenth of a second, then writes `patches` over the copied bytes,
+    /// writes the model file with `metadata` appended, and renames every file
+    /// into place. `model` must be the one the copy started from.
+    pub fn finish(
+        mut self,
+        model: &Model,
+        patches: &[TensorPatch],
+        metadata: &[(String, String)],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Written, WriteError> {
+        for p in patches {
+            if p.data.len() as u64 != p.tensor.nbytes {
+                return Err(WriteError::LengthMismatch {
+                    tensor: p.tensor.name.clone(),
+                    got: p.data.len(),
+                    expected: p.tensor.nbytes,
                 });
             }
-        }
-    }
-
-    let mut total = 0u64;
-    for old in locations.keys() {
-        total += std::fs::metadata(model.external_path(old)?)
-            .map(|m| m.len())
-            .unwrap_or(0);
-    }
-    if locations.is_empty() {
-        total += model.file_bytes().len() as u64;
-    }
-    let mut copied = Copied {
-        done: 0,
-        total,
-        progress,
-    };
-    let mut staged = Staged::default();
-    // External files: copy, then patch in place.
-    for (old, new) in &locations {
-        let src = model.external_path(old)?;
-        let dest = out_dir.join(new);
-        let tmp = staged.create(&dest).map_err(|source| io(&dest, source))?;
-        copy_into(&src, &tmp.file, &tmp.path, &mut copied)?;
-        for p in patches {
-            if let Storage::External { location, offset } = &p.tensor.storage
-                && location == old
-            {
-                tmp.file
-                    .write_all_at(&p.data, *offset)
-                    .map_err(|source| io(&tmp.path, source))?;
+            if p.tensor.storage == Storage::Typed {
+                return Err(WriteError::Unpatchable(p.tensor.name.clone()));
             }
         }
-    }
-    // The model file.
-    let tmp = staged.create(output).map_err(|source| io(output, source))?;
-    let tail = encode_metadata(metadata);
-    if locations.is_empty() {
-        copy_into(model.path(), &tmp.file, &tmp.path, &mut copied)?;
-        for p in patches {
-            if let Storage::Inline { offset } = p.tensor.storage {
-                tmp.file
-                    .write_all_at(&p.data, offset)
-                    .map_err(|source| io(&tmp.path, source))?;
+        if let Some(thread) = self.thread.take() {
+            while !thread.is_finished() {
+                progress(self.done.load(Ordering::Relaxed), self.total);
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
+            thread.join().map_err(|_| {
+                io(
+                    &self.output,
+                    std::io::Error::other("the copying thread panicked"),
+                )
+            })??;
+            progress(self.done.load(Ordering::Relaxed), self.total);
         }
-        (&tmp.file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| io(&tmp.path, source))?;
-    } else {
-        let inline: HashMap<&str, &[u8]> = patches
-            .iter()
-            .filter(|p| matches!(p.tensor.storage, Storage::Inline { .. }))
-            .map(|p| (p.tensor.name.as_str(), p.data.as_slice()))
-            .collect();
-        let rename: HashMap<&str, &str> = locations
-            .iter()
-            .map(|(o, n)| (o.as_str(), n.as_str()))
-            .collect();
-        let rewritten =
-            wire::rewrite_model(model.file_bytes(), &rename, &inline).map_err(|why| {
-                WriteError::Wire {
-                    path: model.path().to_path_buf(),
-                    why,
-                }
+        // External files: patch the copies in place.
+        for (old, new) in &self.locations {
+            let tmp = self.staged.find(&self.out_dir.join(new)).ok_or_else(|| {
+                io(&self.output, std::io::Error::other("lost a temporary file"))
             })?;
+            for p in patches {
+                if let Storage::External { location, offset } = &p.tensor.storage
+                    && location == old
+                {
+                    tmp.file
+                        .write_all_at(&p.data, *offset)
+                        .map_err(|source| io(&tmp.path, source))?;
+                }
+            }
+        }
+        // The model file: the patched copy, or re-emitted with new locations.
+        let tail = encode_metadata(metadata);
+        let tmp = if self.locations.is_empty() {
+            let tmp = self.staged.find(&self.output).ok_or_else(|| {
+                io(&self.output, std::io::Error::other("lost a temporary file"))
+            })?;
+            for p in patches {
+                if let Storage::Inline { offset } = p.tensor.storage {
+                    tmp.file
+                        .write_all_at(&p.data, offset)
+                        .map_err(|source| io(&tmp.path, source))?;
+                }
+            }
+            (&tmp.file)
+                .seek(SeekFrom::End(0))
+                .map_err(|source| io(&tmp.path, source))?;
+            tmp
+        } else {
+            let inline: HashMap<&str, &[u8]> = patches
+                .iter()
+                .filter(|p| matches!(p.tensor.storage, Storage::Inline { .. }))
+                .map(|p| (p.tensor.name.as_str(), p.data.as_slice()))
+                .collect();
+            let rename: HashMap<&str, &str> = self
+                .locations
+                .iter()
+                .map(|(o, n)| (o.as_str(), n.as_str()))
+                .collect();
+            let rewritten =
+                wire::rewrite_model(model.file_bytes(), &rename, &inline).map_err(|why| {
+                    WriteError::Wire {
+                        path: model.path().to_path_buf(),
+                        why,
+                    }
+                })?;
+            let tmp = self
+                .staged
+                .create(&self.output)
+                .map_err(|source| io(&self.output, source))?;
+            (&tmp.file)
+                .write_all(&rewritten)
+                .map_err(|source| io(&tmp.path, source))?;
+            tmp
+        };
         (&tmp.file)
-            .write_all(&rewritten)
+            .write_all(&tail)
             .map_err(|source| io(&tmp.path, source))?;
-    }
-    (&tmp.file)
-        .write_all(&tail)
-        .map_err(|source| io(&tmp.path, source))?;
 
-    let written = Written {
-        model: output.to_path_buf(),
-        data_files: outputs[1..].to_vec(),
-    };
-    staged
-        .commit()
-        .map_err(|(path, source)| io(&path, source))?;
-    Ok(written)
+        let written = Written {
+            model: self.output.clone(),
+            data_files: self.outputs[1..].to_vec(),
+        };
+        std::mem::take(&mut self.staged)
+            .commit()
+            .map_err(|(path, source)| io(&path, source))?;
+        Ok(written)
+    }
+}
+
+impl Drop for Copying {
+    /// Stops the copy; the temporary files go with `staged`.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Checks, before any work, that `output` can be written: its folder exists
@@ -318,37 +409,32 @@ fn io(path: &Path, source: std::io::Error) -> WriteError {
     }
 }
 
-/// Progress of the copies.
-struct Copied<'a> {
-    done: u64,
-    total: u64,
-    progress: &'a mut dyn FnMut(u64, u64),
-}
-
 /// Copies `src` into the (empty) `dst`; on Linux `io::copy` between files is
 /// done by the kernel (`copy_file_range`, a reflink where the filesystem can),
-/// here in 256 MB steps so that progress can be shown.
+/// here in 64 MB steps so that progress shows and `stop` is heeded. `done`
+/// counts the bytes copied.
 fn copy_into(
     src: &Path,
     mut dst: &File,
     dst_path: &Path,
-    copied: &mut Copied,
+    stop: &AtomicBool,
+    done: &AtomicU64,
 ) -> Result<(), WriteError> {
     use std::io::Read;
-    const STEP: u64 = 256 << 20;
+    const STEP: u64 = 64 << 20;
     let mut input = File::open(src).map_err(|source| OnnxError::Io {
         path: src.to_path_buf(),
         source,
     })?;
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let n = std::io::copy(&mut (&mut input).take(STEP), &mut dst)
             .map_err(|source| io(dst_path, source))?;
-        copied.done += n;
-        (copied.progress)(copied.done, copied.total);
+        done.fetch_add(n, Ordering::Relaxed);
         if n < STEP {
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// Just enough of the protobuf wire format to re-emit the messages on the

@@ -208,8 +208,20 @@ pub fn run_with_progress(
         .unwrap_or_default();
     lap("read UNet", &mut timings);
 
-    let (operator, unchanged) =
-        compute_operator(req, &mut |name| lap(name, &mut timings), progress)?;
+    let text = prepare_text(req)?;
+    lap("tokenize", &mut timings);
+    // The prompts align: the edit will happen, so start copying the UNet's
+    // bulk now, behind the text encoder and the solve.
+    let copying = match (&unet, &req.output) {
+        (Some((model, _)), Some(out)) => Some(patch::Copying::start(model, out)?),
+        _ => None,
+    };
+    let (operator, unchanged) = embed_and_solve(
+        req,
+        &text,
+        &mut |name| lap(name, &mut timings),
+        progress,
+    )?;
     let record = EditRecord {
         source: req.source.clone(),
         destination: req.destination.clone(),
@@ -264,20 +276,16 @@ pub fn run_with_progress(
             }
         }
         lap("apply", &mut timings);
-        if let Some(out) = &req.output {
+        if let Some(copying) = copying {
             let meta = if unchanged {
                 Vec::new()
             } else {
                 let value = serde_json::to_string(&record).unwrap_or_default();
                 vec![(format!("{RECORD_KEY}{}", previous.len() + 1), value)]
             };
-            written = Some(patch::write_patched_with_progress(
-                model,
-                &patches,
-                &meta,
-                out,
-                &mut |done, total| progress(Progress::Copy(done, total)),
-            )?);
+            written = Some(copying.finish(model, &patches, &meta, &mut |done, total| {
+                progress(Progress::Copy(done, total))
+            })?);
             lap("write", &mut timings);
         }
         if let Some(path) = &req.save_weights {
@@ -295,13 +303,17 @@ pub fn run_with_progress(
     })
 }
 
-/// Tokenize, embed every prompt in one text-encoder run, align, solve.
-/// Returns the operator and whether source and destination are the same.
-fn compute_operator(
-    req: &EditRequest,
-    lap: &mut dyn FnMut(&'static str),
-    progress: &mut dyn FnMut(Progress),
-) -> Result<(Operator, bool), EditJobError> {
+/// The prompts as token ids (every source, then every destination) and the
+/// alignment of each pair.
+struct Tokens {
+    pairs: Vec<(String, String)>,
+    maps: Vec<Vec<usize>>,
+    ids: Vec<Vec<u32>>,
+}
+
+/// Tokenize and align: everything about the prompts that can fail before the
+/// text encoder runs.
+fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
     let pairs = edit::prompt_pairs(&req.source, &req.destination, &req.augmentations);
     let rule = ArticleRule::from_tokenizer(&tok)?;
@@ -316,12 +328,22 @@ fn compute_operator(
     for (_, d) in &pairs {
         ids.push(tok.encode_padded(d)?);
     }
-    lap("tokenize");
+    Ok(Tokens { pairs, maps, ids })
+}
 
+/// Embed every prompt in one text-encoder run and solve. Returns the
+/// operator and whether source and destination are the same.
+fn embed_and_solve(
+    req: &EditRequest,
+    text: &Tokens,
+    lap: &mut dyn FnMut(&'static str),
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Operator, bool), EditJobError> {
+    let Tokens { pairs, maps, ids } = text;
     progress(Progress::TextEncoder);
     let rt = Runtime::load()?;
     let mut encoder = TextEncoder::open(&rt, &req.text_encoder)?;
-    let emb: Array3<f32> = encoder.embed(&ids)?;
+    let emb: Array3<f32> = encoder.embed(ids)?;
     // Free the session (and its spinning thread pool) before the BLAS work.
     drop(encoder);
     let n = pairs.len();
@@ -337,7 +359,7 @@ fn compute_operator(
     let operator = edit::solve(
         emb.slice(s![..n, .., ..]),
         emb.slice(s![n.., .., ..]),
-        &maps,
+        maps,
         req.lambda,
     )?;
     lap("solve");
