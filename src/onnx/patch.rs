@@ -183,7 +183,10 @@ impl Copying {
         let mut add = |src: PathBuf, dest: &Path, staged: &mut Staged| {
             total += std::fs::metadata(&src).map(|m| m.len()).unwrap_or(0);
             let tmp = staged.create(dest).map_err(|source| io(dest, source))?;
-            let file = tmp.file.try_clone().map_err(|source| io(&tmp.path, source))?;
+            let file = tmp
+                .file
+                .try_clone()
+                .map_err(|source| io(&tmp.path, source))?;
             jobs.push((src, file, tmp.path.clone()));
             Ok::<_, WriteError>(())
         };
@@ -258,9 +261,10 @@ impl Copying {
         }
         // External files: patch the copies in place.
         for (old, new) in &self.locations {
-            let tmp = self.staged.find(&self.out_dir.join(new)).ok_or_else(|| {
-                io(&self.output, std::io::Error::other("lost a temporary file"))
-            })?;
+            let tmp = self
+                .staged
+                .find(&self.out_dir.join(new))
+                .ok_or_else(|| io(&self.output, std::io::Error::other("lost a temporary file")))?;
             for p in patches {
                 if let Storage::External { location, offset } = &p.tensor.storage
                     && location == old
@@ -274,9 +278,10 @@ impl Copying {
         // The model file: the patched copy, or re-emitted with new locations.
         let tail = encode_metadata(metadata);
         let tmp = if self.locations.is_empty() {
-            let tmp = self.staged.find(&self.output).ok_or_else(|| {
-                io(&self.output, std::io::Error::other("lost a temporary file"))
-            })?;
+            let tmp = self
+                .staged
+                .find(&self.output)
+                .ok_or_else(|| io(&self.output, std::io::Error::other("lost a temporary file")))?;
             for p in patches {
                 if let Storage::Inline { offset } = p.tensor.storage {
                     tmp.file

@@ -216,12 +216,8 @@ pub fn run_with_progress(
         (Some((model, _)), Some(out)) => Some(patch::Copying::start(model, out)?),
         _ => None,
     };
-    let (operator, unchanged) = embed_and_solve(
-        req,
-        &text,
-        &mut |name| lap(name, &mut timings),
-        progress,
-    )?;
+    let (operator, unchanged) =
+        embed_and_solve(req, &text, &mut |name| lap(name, &mut timings), progress)?;
     let record = EditRecord {
         source: req.source.clone(),
         destination: req.destination.clone(),
