@@ -144,8 +144,8 @@ pub enum EditError {
         #[source]
         source: ndarray_linalg::error::LinalgError,
     },
-    /// LAPACK failed to factor the embedding shifts (QR).
-    #[error("factoring the embedding shifts failed: {source}")]
+    /// LAPACK failed to factor M⁻¹·C, the basis of the change A − I (QR).
+    #[error("the QR factorization of the edit's change (M^-1 C) failed: {source}")]
     Factorization {
         /// LAPACK's report.
         #[source]
