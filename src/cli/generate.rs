@@ -204,8 +204,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     generator.release_text_encoder();
     for (pi, (prompt, emb)) in prompts.iter().zip(&embeddings).enumerate() {
         let started = Instant::now();
-        let mut progress = progress_printer();
-        let (images, flagged) = generator.generate_embedded(emb, &params, &mut progress)?;
+        let mut print = progress_printer();
+        let mut step_ends = Vec::with_capacity(steps + 1);
+        let (images, flagged) = generator.generate_embedded(emb, &params, &mut |done, total| {
+            step_ends.push(Instant::now());
+            print(done, total);
+        })?;
         for (i, f) in flagged.iter().enumerate() {
             if *f {
                 eprintln!(
@@ -263,9 +267,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
         }
         tracing::info!(
-            "{:?}: {n} image(s) in {:.2} s",
+            "{:?}: {n} image(s) in {:.2} s; {}",
             prompt,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            step_summary(&step_ends)
         );
     }
     Ok(())
@@ -309,6 +314,32 @@ fn numbered(base: &Path, prompt: Option<usize>, image: Option<usize>) -> PathBuf
         name.push_str(&format!("-{part}"));
     }
     base.with_file_name(format!("{name}{ext}"))
+}
+
+/// "denoising steps: median X ms (N timed)" from the instants at which each
+/// step (UNet call, guidance, scheduler step) ended. The first step is left
+/// out: it also opens the UNet session and warms ONNX Runtime's buffers.
+fn step_summary(ends: &[Instant]) -> String {
+    let mut ms: Vec<f64> = ends
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .collect();
+    if ms.is_empty() {
+        return "denoising steps: fewer than 2, none timed".into();
+    }
+    ms.sort_by(f64::total_cmp);
+    let mid = ms.len() / 2;
+    let median = if ms.len() % 2 == 1 {
+        ms[mid]
+    } else {
+        (ms[mid - 1] + ms[mid]) / 2.0
+    };
+    format!(
+        "denoising steps: median {median:.2} ms ({} timed, {:.2}–{:.2} ms)",
+        ms.len(),
+        ms[0],
+        ms[ms.len() - 1]
+    )
 }
 
 /// A progress line with steps/s on a terminal; nothing otherwise.
