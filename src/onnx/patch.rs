@@ -414,29 +414,57 @@ fn io(path: &Path, source: std::io::Error) -> WriteError {
     }
 }
 
-/// Copies `src` into the (empty) `dst`; on Linux `io::copy` between files is
-/// done by the kernel (`copy_file_range`, a reflink where the filesystem can),
-/// here in 64 MB steps so that progress shows and `stop` is heeded. `done`
-/// counts the bytes copied.
+/// Copies `src` into the (empty) `dst`, in the kernel where it can, heeding
+/// `stop` between steps; `done` counts the bytes copied.
+///
+/// Each `copy_file_range` call asks for everything that is left, as `cp`
+/// does; the kernel takes up to ~2 GB per call. Smaller requests cost more
+/// than their count suggests: measured on ext4 here, copying SD 1.x's 3.4 GB
+/// of weights took 1.1 s in 2 GB calls and 1.7–3.2 s in 64 MB–1 GB calls.
+/// Where the kernel or filesystem refuses the call, `io::copy` does it.
 fn copy_into(
     src: &Path,
-    mut dst: &File,
+    dst: &File,
     dst_path: &Path,
     stop: &AtomicBool,
     done: &AtomicU64,
 ) -> Result<(), WriteError> {
-    use std::io::Read;
-    const STEP: u64 = 64 << 20;
-    let mut input = File::open(src).map_err(|source| OnnxError::Io {
+    use std::os::fd::AsRawFd;
+    let input = File::open(src).map_err(|source| OnnxError::Io {
         path: src.to_path_buf(),
         source,
     })?;
     while !stop.load(Ordering::Relaxed) {
-        let n = std::io::copy(&mut (&mut input).take(STEP), &mut dst)
-            .map_err(|source| io(dst_path, source))?;
-        done.fetch_add(n, Ordering::Relaxed);
-        if n < STEP {
-            return Ok(());
+        // SAFETY: two open file descriptors, null offsets (the files' own
+        // positions are used and advanced), no flags.
+        let n = unsafe {
+            libc::copy_file_range(
+                input.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                1 << 62,
+                0,
+            )
+        };
+        match n {
+            0 => return Ok(()),
+            n if n > 0 => {
+                done.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            _ => {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        let n = std::io::copy(&mut &input, &mut &*dst)
+                            .map_err(|source| io(dst_path, source))?;
+                        done.fetch_add(n, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    _ => return Err(io(dst_path, err)),
+                }
+            }
         }
     }
     Ok(())
