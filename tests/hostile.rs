@@ -568,7 +568,10 @@ fn a_text_encoder_returning_nan_stops_the_edit() {
         .unwrap();
     let err = assert_clean_error(&o, "NaN text encoder");
     assert!(err.contains("non-finite"), "{err}");
+    // The UNet's copy starts before the text encoder runs: stopping the edit
+    // after it must remove the copy too.
     assert!(!out.exists());
+    assert_eq!(hidden_temp_files(dir.path()), Vec::<String>::new());
 }
 
 #[test]
@@ -616,6 +619,7 @@ fn an_edit_overflowing_fp16_is_refused() {
     let err = assert_clean_error(&o, "fp16 overflow");
     assert!(err.contains("fp16") || err.contains("float16"), "{err}");
     assert!(!out.exists());
+    assert_eq!(hidden_temp_files(dir.path()), Vec::<String>::new());
 }
 
 // ---------------------------------------------------------------------------
