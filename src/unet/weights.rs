@@ -362,24 +362,16 @@ fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, 
         DataType::Float => values
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DataType::Float16 => {
-            for &v in values {
-                let x = f16::from_f32(v);
-                if !x.is_finite() {
-                    return Err(overflow(v));
-                }
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
-        DataType::BFloat16 => {
-            for &v in values {
-                let x = bf16::from_f32(v);
-                if !x.is_finite() {
-                    return Err(overflow(v));
-                }
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
+        DataType::Float16 => push_halves(values, &mut out, |v| {
+            let x = f16::from_f32(v);
+            x.is_finite().then(|| x.to_le_bytes())
+        })
+        .map_err(overflow)?,
+        DataType::BFloat16 => push_halves(values, &mut out, |v| {
+            let x = bf16::from_f32(v);
+            x.is_finite().then(|| x.to_le_bytes())
+        })
+        .map_err(overflow)?,
         _ => {
             return encode(
                 &values.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
@@ -389,6 +381,19 @@ fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, 
         }
     }
     Ok(out)
+}
+
+/// Appends each value as 2 bytes of a 16-bit float (`convert` gives `None`
+/// past its range); the error is the first value that does not fit.
+fn push_halves(
+    values: &[f32],
+    out: &mut Vec<u8>,
+    convert: impl Fn(f32) -> Option<[u8; 2]>,
+) -> Result<(), f32> {
+    for &v in values {
+        out.extend_from_slice(&convert(v).ok_or(v)?);
+    }
+    Ok(())
 }
 
 /// A stored weight in torch's `[out, d]` layout, as f32.
