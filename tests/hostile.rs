@@ -6,7 +6,7 @@
 //! the cases and what was observed.
 
 use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -850,7 +850,21 @@ fn sigkill_and_sigint_during_the_write() {
             let out = dir.path().join("out.onnx");
             let cmd = edit_cmd(&optimum_unet(), &out, "a rose", "a blue rose");
             let inject = format!("inject={syscall}:delay_enter=3000000:when=1");
-            let mut child = Command::new("strace")
+            let mut strace = Command::new("strace");
+            // A harness that runs us in the background (a non-interactive
+            // shell's `&`) hands down SIGINT ignored, and time-onnx keeps
+            // signals that were ignored at start ignored: give the child the
+            // default dispositions, as a terminal would.
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                strace.pre_exec(|| {
+                    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                        libc::signal(sig, libc::SIG_DFL);
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = strace
                 .args([
                     "-f",
                     "-qq",
