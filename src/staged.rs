@@ -143,7 +143,7 @@ pub fn write_file(
 }
 
 /// The folder a path is in; `.` for a bare file name.
-fn folder_of(path: &Path) -> &Path {
+pub fn folder_of(path: &Path) -> &Path {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

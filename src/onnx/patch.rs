@@ -20,14 +20,14 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 
 use prost::Message;
 
 use super::proto::StringStringEntryProto;
 use super::{Model, OnnxError, Storage, TensorInfo};
-use crate::staged::Staged;
+use crate::staged::{Staged, folder_of};
 
 /// New bytes for one initializer; as long as the old ones.
 pub struct TensorPatch {
@@ -116,10 +116,10 @@ pub struct Copying {
     locations: BTreeMap<String, String>,
     out_dir: PathBuf,
     output: PathBuf,
-    /// Every output path: the model first, then the data files.
-    outputs: Vec<PathBuf>,
     staged: Staged,
     thread: Option<std::thread::JoinHandle<Result<(), WriteError>>>,
+    /// Closed by the thread when it ends, which wakes [`Copying::finish`].
+    ended: mpsc::Receiver<()>,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
     total: u64,
@@ -129,10 +129,7 @@ impl Copying {
     /// Checks the output names and starts copying. Refuses to write over any
     /// file the model reads.
     pub fn start(model: &Model, output: &Path) -> Result<Self, WriteError> {
-        let out_dir = match output.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let out_dir = folder_of(output).to_path_buf();
         let out_name = output
             .file_name()
             .ok_or_else(|| WriteError::Io {
@@ -163,11 +160,11 @@ impl Copying {
         for old in locations.keys() {
             inputs.push(model.external_path(old)?);
         }
-        let mut outputs = vec![output.to_path_buf()];
-        outputs.extend(locations.values().map(|n| out_dir.join(n)));
-        for o in &outputs {
+        let outputs = std::iter::once(output.to_path_buf())
+            .chain(locations.values().map(|n| out_dir.join(n)));
+        for o in outputs {
             for i in &inputs {
-                if same_file(o, i) {
+                if same_file(&o, i) {
                     return Err(WriteError::SameAsInput {
                         output: o.clone(),
                         input: i.clone(),
@@ -198,11 +195,13 @@ impl Copying {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
+        let (ending, ended) = mpsc::channel::<()>();
         let thread = {
             let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
             std::thread::Builder::new()
                 .name("copy".into())
                 .spawn(move || {
+                    let _ending = ending; // dropped, hence closed, however the thread ends
                     for (src, file, path) in jobs {
                         copy_into(&src, &file, &path, &stop, &done)?;
                     }
@@ -214,9 +213,9 @@ impl Copying {
             locations,
             out_dir,
             output: output.to_path_buf(),
-            outputs,
             staged,
             thread: Some(thread),
+            ended,
             stop,
             done,
             total,
@@ -247,9 +246,9 @@ impl Copying {
             }
         }
         if let Some(thread) = self.thread.take() {
-            while !thread.is_finished() {
+            let tick = std::time::Duration::from_millis(100);
+            while self.ended.recv_timeout(tick) == Err(mpsc::RecvTimeoutError::Timeout) {
                 progress(self.done.load(Ordering::Relaxed), self.total);
-                std::thread::sleep(std::time::Duration::from_millis(100));
             }
             thread.join().map_err(|_| {
                 io(
@@ -326,7 +325,11 @@ impl Copying {
 
         let written = Written {
             model: self.output.clone(),
-            data_files: self.outputs[1..].to_vec(),
+            data_files: self
+                .locations
+                .values()
+                .map(|n| self.out_dir.join(n))
+                .collect(),
         };
         std::mem::take(&mut self.staged)
             .commit()
@@ -348,10 +351,7 @@ impl Drop for Copying {
 /// Checks, before any work, that `output` can be written: its folder exists
 /// and it is not the input itself.
 pub fn check_output(model: &Model, output: &Path) -> Result<(), WriteError> {
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(output);
     if !dir.is_dir() {
         return Err(WriteError::Io {
             path: dir.to_path_buf(),
