@@ -5,12 +5,10 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, ArrayD, Axis, IxDyn};
 use ort::value::Tensor;
-use time_onnx::edit::DEFAULT_AUGMENTATIONS;
 use time_onnx::onnx::cross_attention;
 use time_onnx::onnx::proto::ModelProto;
 use time_onnx::onnx::{Model, Storage};
 use time_onnx::runtime::Runtime;
-use time_onnx::unet::weights::Targets;
 use time_onnx::workflow::edit::{EditReport, EditRequest, run};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -20,18 +18,13 @@ fn request(flavour: &str, out: &Path, src: &str, dst: &str, lambda: f64) -> Edit
     EditRequest {
         unet: Some(dir.join("unet/model.onnx")),
         output: Some(out.to_path_buf()),
-        text_encoder: dir.join("text_encoder/model.onnx"),
-        tokenizer: dir.join("tokenizer"),
-        source: src.into(),
-        destination: dst.into(),
         lambda,
-        augmentations: DEFAULT_AUGMENTATIONS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        targets: Targets::KeysAndValues,
-        save_weights: None,
-        save_operator: None,
+        ..EditRequest::new(
+            dir.join("text_encoder/model.onnx"),
+            dir.join("tokenizer"),
+            src,
+            dst,
+        )
     }
 }
 

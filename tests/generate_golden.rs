@@ -6,11 +6,9 @@ use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
 use serde_json::Value;
-use time_onnx::edit::DEFAULT_AUGMENTATIONS;
 use time_onnx::pipeline::png::{read_npy, read_png_text, write_png};
 use time_onnx::pipeline::schedulers::{SchedulerConfig, SchedulerKind, python_json};
 use time_onnx::runtime::{Device, Runtime, SessionOptions};
-use time_onnx::unet::weights::Targets;
 use time_onnx::workflow::edit::{self, EditRequest};
 use time_onnx::workflow::generate::{Generator, Params};
 
@@ -35,18 +33,12 @@ fn edited_unet(layout: &str, dir: &Path) -> PathBuf {
     edit::run(&EditRequest {
         unet: Some(root.join("unet/model.onnx")),
         output: Some(out.clone()),
-        text_encoder: root.join("text_encoder/model.onnx"),
-        tokenizer: root.join("tokenizer"),
-        source: "A pack of roses".into(),
-        destination: "A pack of blue roses".into(),
-        lambda: 0.1,
-        augmentations: DEFAULT_AUGMENTATIONS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        targets: Targets::KeysAndValues,
-        save_weights: None,
-        save_operator: None,
+        ..EditRequest::new(
+            root.join("text_encoder/model.onnx"),
+            root.join("tokenizer"),
+            "A pack of roses",
+            "A pack of blue roses",
+        )
     })
     .unwrap();
     out

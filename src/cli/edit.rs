@@ -37,7 +37,7 @@ pub struct EditArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Regularisation λ: larger keeps the model closer to the original (the paper uses 0.1).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA)]
     lambda: f64,
     /// An augmentation prefix (repeatable); replaces the defaults "A photo of ", "An image of ", "A picture of ".
     #[arg(long = "aug", value_name = "TEXT")]

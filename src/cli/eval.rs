@@ -36,7 +36,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
     /// TIME's λ (the paper uses 0.1).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA)]
     lambda: f64,
     /// Scheduler.
     #[arg(long, value_parser = parse_scheduler, default_value = "ddim")]

@@ -14,6 +14,9 @@ use super::EditError;
 /// prompts to add pairs, so the edit generalizes beyond one phrasing.
 pub const DEFAULT_AUGMENTATIONS: [&str; 3] = ["A photo of ", "An image of ", "A picture of "];
 
+/// The reference's λ (the paper's and `edit_model`'s default).
+pub const DEFAULT_LAMBDA: f64 = 0.1;
+
 /// The prompt as it follows an augmentation: a leading "A" becomes "a"
 /// ("A pack of roses" → "A photo of a pack of roses", "An apple" → "an
 /// apple"); anything else is kept, since the reference looks at the first

@@ -20,7 +20,8 @@ pub mod operator_file;
 pub mod solve;
 
 pub use align::{
-    ArticleRule, DEFAULT_AUGMENTATIONS, align, align_prompts, augmentation_base, prompt_pairs,
+    ArticleRule, DEFAULT_AUGMENTATIONS, DEFAULT_LAMBDA, align, align_prompts, augmentation_base,
+    prompt_pairs,
 };
 pub use solve::{Change, Operator, apply_transposed, solve};
 

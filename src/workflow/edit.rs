@@ -50,6 +50,35 @@ pub struct EditRequest {
     pub save_operator: Option<PathBuf>,
 }
 
+impl EditRequest {
+    /// `source` → `destination` as the reference edits by default (λ 0.1, its
+    /// three augmentations, keys and values), computing the operator only:
+    /// set `unet`, `output` and the rest with struct update syntax.
+    pub fn new(
+        text_encoder: PathBuf,
+        tokenizer: PathBuf,
+        source: impl Into<String>,
+        destination: impl Into<String>,
+    ) -> Self {
+        Self {
+            unet: None,
+            output: None,
+            text_encoder,
+            tokenizer,
+            source: source.into(),
+            destination: destination.into(),
+            lambda: edit::DEFAULT_LAMBDA,
+            augmentations: edit::DEFAULT_AUGMENTATIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            targets: Targets::KeysAndValues,
+            save_weights: None,
+            save_operator: None,
+        }
+    }
+}
+
 /// The record appended to the model's metadata, one per edit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EditRecord {

@@ -21,7 +21,6 @@ use crate::pipeline::png;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::runtime::{LoadError, Runtime, SessionOptions};
-use crate::unet::weights::Targets;
 use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest};
 use crate::workflow::generate::{GenerateError, Generator, Params};
 
@@ -251,20 +250,13 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         let row = &rows[i];
         let start = Instant::now();
         let operator = edit_flow::run(&EditRequest {
-            unet: None,
-            output: None,
-            text_encoder: generator.model.text_encoder.clone(),
-            tokenizer: generator.model.tokenizer.clone(),
-            source: row.old.clone(),
-            destination: row.new.clone(),
             lambda: req.lambda,
-            augmentations: crate::edit::DEFAULT_AUGMENTATIONS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            targets: Targets::KeysAndValues,
-            save_weights: None,
-            save_operator: None,
+            ..EditRequest::new(
+                generator.model.text_encoder.clone(),
+                generator.model.tokenizer.clone(),
+                row.old.clone(),
+                row.new.clone(),
+            )
         })?
         .operator;
         let mut prompts = Vec::new();
