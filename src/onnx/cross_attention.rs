@@ -56,6 +56,9 @@ pub struct Projection {
     pub initializer: String,
     /// The node that applies it.
     pub node: String,
+    /// That node's position in the graph's node list.
+    #[serde(skip)]
+    pub node_index: usize,
     /// K, V, or both packed.
     pub role: Role,
     /// Storage orientation.
@@ -182,6 +185,7 @@ pub fn locate(model: &Model) -> Result<Vec<Projection>, LocateError> {
             found.push(Projection {
                 initializer: weight.to_string(),
                 node: node.name.clone(),
+                node_index: n,
                 role,
                 layout,
                 module: module_path(node),

@@ -7,7 +7,9 @@ pub mod fingerprint;
 mod model;
 pub mod patch;
 pub mod proto;
+pub mod split;
 pub mod summary;
+mod wire;
 
 pub use dtype::DataType;
 pub use model::{Model, Storage, TensorInfo};

@@ -132,19 +132,47 @@ impl Runtime {
     }
 
     /// Opens a session for `path` as `opts` say.
-    ///
-    /// ort falls back to CPU silently when a provider fails to register; we
-    /// register CUDA with `error_on_failure` and decide ourselves, so `--device
-    /// cuda` fails loudly and `auto` says why it fell back.
     pub fn session_with(
         &self,
         path: &Path,
         opts: SessionOptions,
     ) -> Result<ort::session::Session, SessionError> {
-        let err = |source: ort::Error| SessionError::Ort {
-            path: path.to_path_buf(),
-            source,
-        };
+        self.builder(path, opts)?
+            .commit_from_file(path)
+            .map_err(|source| ort_error(path, source))
+    }
+
+    /// Opens a session for a model held in memory, `bytes`, derived from the
+    /// file `path`: its external data is read from `path`'s folder, and errors
+    /// name `path`.
+    pub fn session_from_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        opts: SessionOptions,
+    ) -> Result<ort::session::Session, SessionError> {
+        let folder = crate::staged::folder_of(path);
+        self.builder(path, opts)?
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                folder.to_string_lossy(),
+            )
+            .map_err(|e| ort_error(path, e.into()))?
+            .commit_from_memory(bytes)
+            .map_err(|source| ort_error(path, source))
+    }
+
+    /// A session builder configured as `opts` say.
+    ///
+    /// ort falls back to CPU silently when a provider fails to register; we
+    /// register CUDA with `error_on_failure` and decide ourselves, so `--device
+    /// cuda` fails loudly and `auto` says why it fell back.
+    fn builder(
+        &self,
+        path: &Path,
+        opts: SessionOptions,
+    ) -> Result<ort::session::builder::SessionBuilder, SessionError> {
+        let err = |source: ort::Error| ort_error(path, source);
         let mut builder = ort::session::Session::builder(&self.env).map_err(err)?;
         if let Some(n) = opts.threads {
             builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
@@ -175,6 +203,13 @@ impl Runtime {
                 }
             }
         }
-        builder.commit_from_file(path).map_err(err)
+        Ok(builder)
+    }
+}
+
+fn ort_error(path: &Path, source: ort::Error) -> SessionError {
+    SessionError::Ort {
+        path: path.to_path_buf(),
+        source,
     }
 }
