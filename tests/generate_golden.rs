@@ -72,9 +72,15 @@ fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
 }
 
 fn cpu() -> SessionOptions {
+    cpu_threads(1)
+}
+
+/// With 2 threads a guided batch runs as two concurrent runs, one per half;
+/// with 1 as one run.
+fn cpu_threads(n: usize) -> SessionOptions {
     SessionOptions {
         device: Device::Cpu,
-        threads: Some(1),
+        threads: Some(n),
         ..SessionOptions::default()
     }
 }
@@ -95,33 +101,38 @@ fn check_runs(layout_filter: &str) {
             .as_bool()
             .unwrap()
             .then(|| edited_unet(layout, tmp.path()));
-        let mut g = Generator::open(
-            &rt,
-            &PathBuf::from(format!("{FIXTURES}/sd-tiny/{layout}")),
-            unet.as_deref(),
-            cpu(),
-        )
-        .unwrap();
-        // The goldens' schedulers come from diffusers' SD 1.x base config,
-        // which has no `timestep_spacing` (Euler: linspace), not from the
-        // saved file (which says "leading").
-        g.set_scheduler_config(base_config());
-        let kind: SchedulerKind = run["scheduler"].as_str().unwrap().parse().unwrap();
-        let image = g
-            .generate(
-                "A pack of roses",
-                &params(run, &latents, kind),
-                &mut |_, _| {},
-            )
-            .unwrap()
-            .into_dyn();
         let golden = npy(&PathBuf::from(format!(
             "{FIXTURES}/goldens/generations/{}",
             run["file"].as_str().unwrap()
         )));
-        let err = max_abs_diff(&image, &golden);
-        eprintln!("{name}: max abs diff {err:.2e}");
-        assert!(err <= 1e-4, "{name}: max abs diff {err:e} > 1e-4");
+        for threads in [1, 2] {
+            let mut g = Generator::open(
+                &rt,
+                &PathBuf::from(format!("{FIXTURES}/sd-tiny/{layout}")),
+                unet.as_deref(),
+                cpu_threads(threads),
+            )
+            .unwrap();
+            // The goldens' schedulers come from diffusers' SD 1.x base config,
+            // which has no `timestep_spacing` (Euler: linspace), not from the
+            // saved file (which says "leading").
+            g.set_scheduler_config(base_config());
+            let kind: SchedulerKind = run["scheduler"].as_str().unwrap().parse().unwrap();
+            let image = g
+                .generate(
+                    "A pack of roses",
+                    &params(run, &latents, kind),
+                    &mut |_, _| {},
+                )
+                .unwrap()
+                .into_dyn();
+            let err = max_abs_diff(&image, &golden);
+            eprintln!("{name}, {threads} thread(s): max abs diff {err:.2e}");
+            assert!(
+                err <= 1e-4,
+                "{name}, {threads} thread(s): max abs diff {err:e} > 1e-4"
+            );
+        }
     }
 }
 
@@ -147,12 +158,12 @@ fn fp16_unets_are_within_fp16_tolerance() {
         "{FIXTURES}/goldens/generations/optimum.pndm.noneg.orig.npy"
     )));
     let run = serde_json::json!({ "negative_prompt": null });
-    for flavour in ["fp16", "fp16-io32"] {
+    for (flavour, threads) in [("fp16", 1), ("fp16-io32", 1), ("fp16", 2)] {
         let mut g = Generator::open(
             &rt,
             &PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}")),
             None,
-            cpu(),
+            cpu_threads(threads),
         )
         .unwrap();
         let image = g
@@ -164,9 +175,40 @@ fn fp16_unets_are_within_fp16_tolerance() {
             .unwrap()
             .into_dyn();
         let err = max_abs_diff(&image, &golden);
-        eprintln!("{flavour}: max abs diff {err:.2e}");
+        eprintln!("{flavour}, {threads} thread(s): max abs diff {err:.2e}");
         assert!(err <= 2e-2, "{flavour}: {err}");
     }
+}
+
+/// A generator that ran a guided batch (two concurrent runs) and is then
+/// asked for one unguided image (a batch that does not split) reopens its
+/// UNet as one run, and gives what a fresh generator gives.
+#[test]
+fn a_batch_that_does_not_split_reopens_the_unet() {
+    let rt = Runtime::load().unwrap();
+    let latents = npy(&PathBuf::from(format!(
+        "{FIXTURES}/goldens/generations/latents.npy"
+    )));
+    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/optimum"));
+    let run = serde_json::json!({ "negative_prompt": null });
+    let guided = params(&run, &latents, SchedulerKind::Pndm);
+    let unguided = Params {
+        guidance: 1.0,
+        ..guided.clone()
+    };
+    let mut reused = Generator::open(&rt, &dir, None, cpu_threads(2)).unwrap();
+    reused
+        .generate("A pack of roses", &guided, &mut |_, _| {})
+        .unwrap();
+    let after = reused
+        .generate("A pack of roses", &unguided, &mut |_, _| {})
+        .unwrap();
+    let fresh = Generator::open(&rt, &dir, None, cpu_threads(2))
+        .unwrap()
+        .generate("A pack of roses", &unguided, &mut |_, _| {})
+        .unwrap();
+    let err = max_abs_diff(&after.into_dyn(), &fresh.into_dyn());
+    assert!(err <= 1e-6, "max abs diff {err:e}");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use crate::pipeline::safety::SafetyChecker;
 use crate::pipeline::schedulers::{self, SchedulerConfig, SchedulerError, SchedulerKind};
 use crate::pipeline::unet::Unet;
 use crate::pipeline::vae::VaeDecoder;
-use crate::runtime::{Runtime, SessionError, SessionOptions};
+use crate::runtime::{Device, Runtime, SessionError, SessionOptions};
 use crate::text::encoder::TextEncoder;
 use crate::text::{ClipTokenizer, TextError};
 use crate::workflow::edit::{EditRecord, previous_records};
@@ -106,6 +106,8 @@ pub struct Generator {
     /// Mᵀ `[d, d] f32` for the composed edit operators, applied to every
     /// token's embedding before the UNet (row form: e' = e·Mᵀ).
     embedding_edit: Option<ndarray::Array2<f32>>,
+    /// Whether the models run on the CPU (`--device auto` asks CUDA once).
+    on_cpu: std::sync::OnceLock<bool>,
 }
 
 impl Generator {
@@ -144,6 +146,7 @@ impl Generator {
             denoiser: None,
             scheduler_config,
             embedding_edit: None,
+            on_cpu: std::sync::OnceLock::new(),
             model,
             unet_path,
             edits,
@@ -248,7 +251,21 @@ impl Generator {
         self.text_encoder = None;
     }
 
-    fn denoiser(&mut self) -> Result<&mut Denoiser, GenerateError> {
+    /// The sessions that turn embeddings into images, for batches of `rows`.
+    fn denoiser(&mut self, rows: usize) -> Result<&mut Denoiser, GenerateError> {
+        let on_cpu = *self.on_cpu.get_or_init(|| match self.opts.device {
+            Device::Cpu => true,
+            Device::Auto => self.runtime.cuda_check().is_err(),
+            Device::Cuda => false,
+        });
+        let streams = Unet::streams_for(self.opts.threads, on_cpu, rows);
+        if let Some(den) = &mut self.denoiser
+            && den.unet.streams() != streams
+        {
+            // A batch that splits differently from the last (guidance turned
+            // off, an odd number of images): reopen the UNet for it.
+            den.unet = Unet::open(&self.runtime, &self.unet_path, self.opts, streams)?;
+        }
         if self.denoiser.is_none() {
             let (rt, opts) = (&self.runtime, self.opts);
             let safety = match (&self.model.safety_checker, self.skip_safety) {
@@ -258,7 +275,7 @@ impl Generator {
                 _ => None,
             };
             self.denoiser = Some(Denoiser {
-                unet: Unet::open(rt, &self.unet_path, opts)?,
+                unet: Unet::open(rt, &self.unet_path, opts, streams)?,
                 vae: VaeDecoder::open(rt, &self.model.vae_decoder, opts)?,
                 safety,
             });
@@ -348,7 +365,7 @@ impl Generator {
         let d = emb.shape()[2];
         let vae_scale = self.model.vae_scaling_factor;
         let scheduler_config = self.scheduler_config.clone();
-        let den = self.denoiser()?;
+        let den = self.denoiser(if guided { 2 * n } else { n })?;
         if let Some(w) = den.unet.text_width()
             && w != d
         {
