@@ -4,9 +4,10 @@
     python3 scripts/bench_generate.py [--rev REV] [--model DIR] [--tiny DIR] [--runs 3] [--threads 2]
                                       [--full-steps 2,6] [--tiny-steps 5,25] [--tiny-size 128] [--tmp DIR] [--no-write]
 
-Contenders, side by side on the same ONNX files, CPU execution provider, the same number of intra-op threads
-(--threads, default 2), the same prompt, PNDM, guidance 7.5, empty negative prompt, one image, each run in its own
-process:
+Contenders, side by side on the same ONNX files, CPU execution provider, the same number of threads (--threads,
+default 2: diffusers' sessions get that many intra-op threads; time-onnx gets `--threads 2`, with which it runs the
+guided UNet batch as two concurrent single-threaded runs, one per half, and its other sessions with 2 intra-op
+threads), the same prompt, PNDM, guidance 7.5, empty negative prompt, one image, each run in its own process:
   (G1) <release binary> -v generate --model <M> --prompt "A pack of roses" --steps N --height H --width W --seed 1
            --scheduler pndm --threads 2 --device cpu --output-type npy -o <tmp>/x.npy
        (-v only adds one line on stderr, the in-process generation time)
@@ -293,7 +294,10 @@ def render(results: list[dict], facts: dict, command: str, runs: int, threads: i
                f"CPU\" column).")
     out.append("")
     out.append(f"Method: both contenders use the same ONNX files, ONNX Runtime's CPU execution provider and "
-               f"{threads} intra-op threads in every session; prompt \"{PROMPT}\", PNDM, guidance 7.5, empty "
+               f"{threads} threads: diffusers gives every session {threads} intra-op threads; time-onnx "
+               f"`--threads {threads}` runs the guided UNet batch as 2 concurrent runs of one session, one "
+               f"per half (unconditional, text), each with {threads // 2} intra-op thread(s), and its other sessions "
+               f"with {threads}; prompt \"{PROMPT}\", PNDM, guidance 7.5, empty "
                f"negative prompt, one image. Each contender runs at two step counts; PNDM makes N + 1 UNet calls "
                f"(batch 2: unconditional + text), so (T(high) − T(low)) / (calls(high) − calls(low)) is the time "
                f"of one denoising step with the fixed costs (process start, imports, loading the sessions, text "

@@ -77,10 +77,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     no_safety_checker: bool,
     /// ONNX Runtime's graph optimization: "extended" loads SD 1.x's UNet in ~1.4 s on 2 cores;
-    /// "all" (ORT's and diffusers' default) takes 4–8 s more and is ~4% faster per step.
+    /// "all" (ORT's and diffusers' default) takes 4–8 s more and is ~1% faster per step.
     #[arg(long, value_enum, default_value_t = GraphOptArg::Extended)]
     graph_opt: GraphOptArg,
-    /// Intra-op threads (default: one per core).
+    /// Threads (default: one per core). On the CPU, with an even count, a guided batch
+    /// runs as two concurrent runs with half the threads each.
     #[arg(long)]
     threads: Option<usize>,
 }

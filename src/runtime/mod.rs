@@ -100,7 +100,8 @@ pub enum Device {
 pub enum GraphOptimization {
     /// Fusions and constant folding (ORT's "extended" level). The default:
     /// measured on SD 1.x's UNet on 2 cores it loads in ~1.4 s instead of
-    /// 4–8 s, for ~4 % slower steps, which pays off below ~100 UNet calls.
+    /// 4–8 s, for steps ~1 % slower (~4 % when the guided batch runs as one
+    /// run), which pays off below several hundred UNet calls.
     #[default]
     Extended,
     /// Also CPU layout transforms (NCHWc): slower to load, a little faster per
