@@ -31,7 +31,9 @@ pub struct Unet {
     timestep: (TensorElementType, usize),
     hidden: (TensorElementType, Vec<i64>),
     output: String,
-    output_type: TensorElementType,
+    /// The output's element type and declared dims, for the buffers of
+    /// concurrent runs.
+    output_port: (TensorElementType, Vec<i64>),
     /// Concurrent runs a batch is split into (see the module's doc).
     streams: usize,
     /// One binding per stream: inputs that stay the same across denoising
@@ -135,7 +137,7 @@ impl Unet {
             .ok_or_else(|| bad("the UNet has no outputs".into()))?
             .name()
             .to_string();
-        let (output_type, _) = port(&session, &output, false)
+        let output_port = port(&session, &output, false)
             .ok_or_else(|| bad(format!("the UNet's output {output:?} is not a tensor")))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -145,7 +147,7 @@ impl Unet {
             timestep: (t_ty, t_shape.len()),
             hidden,
             output,
-            output_type,
+            output_port,
             streams,
             bound: Vec::new(),
             projections,
@@ -263,27 +265,26 @@ impl Unet {
             let part_value = float_value(self.sample, part.into_dyn()).map_err(err)?;
             b.binding.bind_input("sample", &part_value).map_err(err)?;
             b.binding.bind_input("timestep", &timestep).map_err(err)?;
-            if self.streams > 1 {
-                let shape = part.shape().to_vec();
-                let fits = b.output.as_ref().is_some_and(|o| {
-                    o.shape()
-                        .iter()
-                        .map(|&d| d as usize)
-                        .eq(shape.iter().copied())
-                });
-                if !fits {
-                    let mut out = ort::value::DynTensor::new(
-                        self.session.allocator(),
-                        self.output_type,
-                        shape.clone(),
-                    )
+            // The output buffer, once per prompt: the part's rows, the
+            // declared dims elsewhere, the sample's where those are dynamic.
+            if self.streams > 1 && b.output.is_none() {
+                let (ty, declared) = &self.output_port;
+                let shape: Vec<usize> = part
+                    .shape()
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &s)| match declared.get(k) {
+                        Some(&d) if k > 0 && d > 0 => d as usize,
+                        _ => s,
+                    })
+                    .collect();
+                let mut out = ort::value::DynTensor::new(self.session.allocator(), *ty, shape)
                     .map_err(err)?
                     .into_dyn();
-                    b.binding
-                        .bind_output(self.output.as_str(), &mut out)
-                        .map_err(err)?;
-                    b.output = Some(out);
-                }
+                b.binding
+                    .bind_output(self.output.as_str(), &mut out)
+                    .map_err(err)?;
+                b.output = Some(out);
             }
         }
         let out = if self.streams == 1 {

@@ -259,12 +259,15 @@ impl Generator {
             Device::Cuda => false,
         });
         let streams = Unet::streams_for(self.opts.threads, on_cpu, rows);
-        if let Some(den) = &mut self.denoiser
-            && den.unet.streams() != streams
+        if self
+            .denoiser
+            .as_ref()
+            .is_some_and(|d| d.unet.streams() != streams)
         {
             // A batch that splits differently from the last (guidance turned
-            // off, an odd number of images): reopen the UNet for it.
-            den.unet = Unet::open(&self.runtime, &self.unet_path, self.opts, streams)?;
+            // off, an odd number of images): reopen for it, dropping the old
+            // sessions first so that two UNets are never loaded at once.
+            self.denoiser = None;
         }
         if self.denoiser.is_none() {
             let (rt, opts) = (&self.runtime, self.opts);
