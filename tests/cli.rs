@@ -212,3 +212,62 @@ fn operator_files_are_written_without_a_unet_and_inspected() {
         "{text}"
     );
 }
+
+/// The library's errors name no flags; the CLI adds the flag that fixes
+/// them (here `--force` and `--resume`).
+#[test]
+fn errors_name_the_flag_that_fixes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let op = dir.path().join("toy.safetensors");
+    let o = time_onnx()
+        .args(["edit", "--model", &format!("{root}/models/toy")])
+        .args([
+            "--src",
+            "a circle",
+            "--dst",
+            "a blue circle",
+            "--save-operator",
+        ])
+        .arg(&op)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = time_onnx()
+        .args(["generate", "--device", "cpu", "--prompt", "a tree"])
+        .args(["--model", &format!("{root}/tests/fixtures/sd-tiny/optimum")])
+        .arg("--edit")
+        .arg(&op)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another text encoder")
+            && err.trim_end().ends_with("use --force to apply it anyway"),
+        "{err}"
+    );
+
+    let report = dir.path().join("report");
+    std::fs::create_dir(&report).unwrap();
+    std::fs::write(report.join("results.json"), "{}").unwrap();
+    let o = time_onnx()
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            &format!("{root}/models/toy"),
+        ])
+        .args([
+            "--dataset",
+            &format!("{root}/models/toy/toy_timed.csv"),
+            "-o",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("pass --resume to continue it"), "{err}");
+}

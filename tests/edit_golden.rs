@@ -4,14 +4,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{FIXTURES, edit_request};
 use serde_json::Value;
+use time_onnx::edit::Targets;
 use time_onnx::onnx::Model;
 use time_onnx::onnx::cross_attention::{self, Role};
-use time_onnx::unet::names::UnetLayout;
-use time_onnx::unet::weights::Targets;
+use time_onnx::onnx::module_paths::UnetLayout;
 use time_onnx::workflow::edit::{EditRequest, run};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 /// Tolerance relative to each weight's largest magnitude. fp32 flavours: our
 /// f32 embeddings (ONNX text encoder, within 1.3e-6 of torch's f64 ones) and
@@ -88,14 +89,9 @@ fn request(
     edit: &Value,
     weights: PathBuf,
 ) -> EditRequest {
-    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}"));
     EditRequest {
         unet: Some(unet),
         output: Some(out),
-        text_encoder: dir.join("text_encoder/model.onnx"),
-        tokenizer: dir.join("tokenizer"),
-        source: edit["source"].as_str().unwrap().into(),
-        destination: edit["destination"].as_str().unwrap().into(),
         lambda: case["lambda"].as_f64().unwrap(),
         augmentations: case["augmentations"]
             .as_array()
@@ -109,7 +105,11 @@ fn request(
             Targets::ValuesOnly
         },
         save_weights: Some(weights),
-        save_operator: None,
+        ..edit_request(
+            flavour,
+            edit["source"].as_str().unwrap(),
+            edit["destination"].as_str().unwrap(),
+        )
     }
 }
 

@@ -3,15 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{FIXTURES, edit_request, max_abs_diff};
 use ndarray::{Array3, ArrayD, Axis, IxDyn};
-use ort::value::Tensor;
 use time_onnx::onnx::cross_attention;
 use time_onnx::onnx::proto::ModelProto;
 use time_onnx::onnx::{Model, Storage};
-use time_onnx::runtime::Runtime;
+use time_onnx::runtime::{Device, Runtime, SessionOptions};
 use time_onnx::workflow::edit::{EditReport, EditRequest, run};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn request(flavour: &str, out: &Path, src: &str, dst: &str, lambda: f64) -> EditRequest {
     let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}"));
@@ -19,12 +19,7 @@ fn request(flavour: &str, out: &Path, src: &str, dst: &str, lambda: f64) -> Edit
         unet: Some(dir.join("unet/model.onnx")),
         output: Some(out.to_path_buf()),
         lambda,
-        ..EditRequest::new(
-            dir.join("text_encoder/model.onnx"),
-            dir.join("tokenizer"),
-            src,
-            dst,
-        )
+        ..edit_request(flavour, src, dst)
     }
 }
 
@@ -47,21 +42,22 @@ fn unet_inputs() -> (ArrayD<f32>, f32, Array3<f32>) {
 /// One UNet call of the optimum export (rank-0 timestep).
 fn unet(path: &Path, sample: &ArrayD<f32>, t: f32, ehs: &Array3<f32>) -> ArrayD<f32> {
     let rt = Runtime::load().unwrap();
-    let mut s = rt.session(path).unwrap();
-    let inputs = ort::inputs![
-        "sample" => Tensor::from_array(sample.clone()).unwrap(),
-        "timestep" => Tensor::from_array(ndarray::arr0(t).into_dyn()).unwrap(),
-        "encoder_hidden_states" => Tensor::from_array(ehs.clone()).unwrap(),
-    ];
-    let out = s.run(inputs).unwrap();
-    out["out_sample"]
-        .try_extract_array::<f32>()
-        .unwrap()
-        .to_owned()
-}
-
-fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    let opts = SessionOptions {
+        device: Device::Cpu,
+        ..SessionOptions::default()
+    };
+    let mut s = rt.open(path, opts).unwrap();
+    let sample = s.f32_value(sample.clone()).unwrap();
+    let timestep = s.f32_value(ndarray::arr0(t).into_dyn()).unwrap();
+    let ehs = s.f32_value(ehs.clone().into_dyn()).unwrap();
+    s.run(&[
+        ("sample", &sample),
+        ("timestep", &timestep),
+        ("encoder_hidden_states", &ehs),
+    ])
+    .unwrap()
+    .float("out_sample")
+    .unwrap()
 }
 
 fn edit(flavour: &str, out: &Path) -> EditReport {

@@ -11,7 +11,7 @@ use time_onnx::eval::{ClassifierSpec, dataset};
 use time_onnx::pipeline::png::read_png;
 use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{Device, GraphOptimization, SessionOptions};
-use time_onnx::workflow::eval::{EvalRequest, run};
+use time_onnx::workflow::eval::{EvalJobError, EvalRequest, run};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -183,7 +183,7 @@ fn eval_resumes_and_never_overwrites_silently() {
     let first = run(&req, &mut |_, _| {}).unwrap();
     // again without --resume: refused
     let err = run(&req, &mut |_, _| {}).unwrap_err();
-    assert!(err.to_string().contains("--resume"), "{err}");
+    assert!(matches!(err, EvalJobError::ReportExists(_)), "{err}");
     // resume with other settings: refused
     req.resume = true;
     req.seeds = 3;

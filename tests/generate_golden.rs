@@ -4,20 +4,19 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{
+    FIXTURES, cpu_threads, edit_request, generate, max_abs_diff, npy, read_png_text,
+    with_base_scheduler_config,
+};
 use ndarray::ArrayD;
 use serde_json::Value;
-use time_onnx::pipeline::png::{read_npy, read_png_text, write_png};
-use time_onnx::pipeline::schedulers::{SchedulerConfig, SchedulerKind, python_json};
-use time_onnx::runtime::{Device, Runtime, SessionOptions};
+use time_onnx::pipeline::png::write_png;
+use time_onnx::pipeline::schedulers::SchedulerKind;
+use time_onnx::runtime::{Runtime, SessionOptions};
 use time_onnx::workflow::edit::{self, EditRequest};
 use time_onnx::workflow::generate::{Generator, Params};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-fn npy(path: &Path) -> ArrayD<f32> {
-    let (shape, data) = read_npy(path).unwrap();
-    ArrayD::from_shape_vec(shape, data).unwrap()
-}
 
 fn index() -> Value {
     serde_json::from_str(
@@ -33,12 +32,7 @@ fn edited_unet(layout: &str, dir: &Path) -> PathBuf {
     edit::run(&EditRequest {
         unet: Some(root.join("unet/model.onnx")),
         output: Some(out.clone()),
-        ..EditRequest::new(
-            root.join("text_encoder/model.onnx"),
-            root.join("tokenizer"),
-            "A pack of roses",
-            "A pack of blue roses",
-        )
+        ..edit_request(layout, "A pack of roses", "A pack of blue roses")
     })
     .unwrap();
     out
@@ -59,30 +53,8 @@ fn params(run: &Value, latents: &ArrayD<f32>, scheduler: SchedulerKind) -> Param
     }
 }
 
-fn base_config() -> SchedulerConfig {
-    let text =
-        std::fs::read_to_string(format!("{FIXTURES}/goldens/schedulers/index.json")).unwrap();
-    let v = python_json(&text).unwrap();
-    SchedulerConfig::from_value(v["base_config"].clone()).unwrap()
-}
-
-fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
-}
-
 fn cpu() -> SessionOptions {
     cpu_threads(1)
-}
-
-/// With 2 threads a guided batch runs as two concurrent runs, one per half;
-/// with 1 as one run.
-fn cpu_threads(n: usize) -> SessionOptions {
-    SessionOptions {
-        device: Device::Cpu,
-        threads: Some(n),
-        ..SessionOptions::default()
-    }
 }
 
 fn check_runs(layout_filter: &str) {
@@ -105,26 +77,19 @@ fn check_runs(layout_filter: &str) {
             "{FIXTURES}/goldens/generations/{}",
             run["file"].as_str().unwrap()
         )));
+        // The goldens' schedulers come from diffusers' SD 1.x base config,
+        // which has no `timestep_spacing` (Euler: linspace), not from the
+        // saved file (which says "leading").
+        let folder = with_base_scheduler_config(layout);
+        // With 2 threads a guided batch runs as two concurrent runs, one per
+        // half; with 1 as one run.
         for threads in [1, 2] {
-            let mut g = Generator::open(
-                &rt,
-                &PathBuf::from(format!("{FIXTURES}/sd-tiny/{layout}")),
-                unet.as_deref(),
-                cpu_threads(threads),
-            )
-            .unwrap();
-            // The goldens' schedulers come from diffusers' SD 1.x base config,
-            // which has no `timestep_spacing` (Euler: linspace), not from the
-            // saved file (which says "leading").
-            g.set_scheduler_config(base_config());
+            let mut g =
+                Generator::open(&rt, folder.path(), unet.as_deref(), cpu_threads(threads)).unwrap();
             let kind: SchedulerKind = run["scheduler"].as_str().unwrap().parse().unwrap();
-            let image = g
-                .generate(
-                    "A pack of roses",
-                    &params(run, &latents, kind),
-                    &mut |_, _| {},
-                )
+            let image = generate(&mut g, "A pack of roses", &params(run, &latents, kind))
                 .unwrap()
+                .pixels
                 .into_dyn();
             let err = max_abs_diff(&image, &golden);
             eprintln!("{name}, {threads} thread(s): max abs diff {err:.2e}");
@@ -166,14 +131,14 @@ fn fp16_unets_are_within_fp16_tolerance() {
             cpu_threads(threads),
         )
         .unwrap();
-        let image = g
-            .generate(
-                "A pack of roses",
-                &params(&run, &latents, SchedulerKind::Pndm),
-                &mut |_, _| {},
-            )
-            .unwrap()
-            .into_dyn();
+        let image = generate(
+            &mut g,
+            "A pack of roses",
+            &params(&run, &latents, SchedulerKind::Pndm),
+        )
+        .unwrap()
+        .pixels
+        .into_dyn();
         let err = max_abs_diff(&image, &golden);
         eprintln!("{flavour}, {threads} thread(s): max abs diff {err:.2e}");
         assert!(err <= 2e-2, "{flavour}: {err}");
@@ -197,17 +162,11 @@ fn a_batch_that_does_not_split_reopens_the_unet() {
         ..guided.clone()
     };
     let mut reused = Generator::open(&rt, &dir, None, cpu_threads(2)).unwrap();
-    reused
-        .generate("A pack of roses", &guided, &mut |_, _| {})
-        .unwrap();
-    let after = reused
-        .generate("A pack of roses", &unguided, &mut |_, _| {})
-        .unwrap();
-    let fresh = Generator::open(&rt, &dir, None, cpu_threads(2))
-        .unwrap()
-        .generate("A pack of roses", &unguided, &mut |_, _| {})
-        .unwrap();
-    let err = max_abs_diff(&after.into_dyn(), &fresh.into_dyn());
+    generate(&mut reused, "A pack of roses", &guided).unwrap();
+    let after = generate(&mut reused, "A pack of roses", &unguided).unwrap();
+    let mut fresh = Generator::open(&rt, &dir, None, cpu_threads(2)).unwrap();
+    let fresh = generate(&mut fresh, "A pack of roses", &unguided).unwrap();
+    let err = max_abs_diff(&after.pixels.into_dyn(), &fresh.pixels.into_dyn());
     assert!(err <= 1e-6, "max abs diff {err:e}");
 }
 
@@ -225,7 +184,7 @@ fn png_text_round_trips() {
         ("seed".to_string(), "42".to_string()),
     ];
     write_png(&path, img.view(), &text).unwrap();
-    let mut back = read_png_text(&path).unwrap();
+    let mut back = read_png_text(&path);
     back.sort();
     let mut want = text.clone();
     want.sort();
@@ -247,19 +206,21 @@ fn safety_checker_runs_when_the_folder_has_one() {
     let golden = npy(&PathBuf::from(format!(
         "{FIXTURES}/goldens/generations/diffusers-onnx.pndm.noneg.orig.npy"
     )));
-    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/with-safety"));
+    let dir = with_base_scheduler_config("with-safety");
     let run = serde_json::json!({ "negative_prompt": null });
     for skip in [false, true] {
-        let mut g = Generator::open_with_safety(&rt, &dir, None, cpu(), skip).unwrap();
-        g.set_scheduler_config(base_config());
+        let mut g = Generator::open(&rt, dir.path(), None, cpu()).unwrap();
+        if skip {
+            g = g.without_safety_checker();
+        }
         assert_eq!(g.has_safety_checker(), !skip);
-        let (image, flags) = g
-            .generate_checked(
-                "A pack of roses",
-                &params(&run, &latents, SchedulerKind::Pndm),
-                &mut |_, _| {},
-            )
-            .unwrap();
+        let images = generate(
+            &mut g,
+            "A pack of roses",
+            &params(&run, &latents, SchedulerKind::Pndm),
+        )
+        .unwrap();
+        let (image, flags) = (images.pixels, images.flagged);
         if skip {
             assert_eq!(flags, vec![false]);
             assert!(max_abs_diff(&image.into_dyn(), &golden) <= 1e-4);

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use prost::Message;
 use sha2::{Digest, Sha256};
 use time_onnx::onnx::proto::{
@@ -611,7 +613,7 @@ fn an_edit_overflowing_fp16_is_refused() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let unet = dir.path().join("big.onnx");
-    time_onnx::onnx::patch::write_patched(&m, &patches, &[], &unet).unwrap();
+    common::write_patched(&m, &patches, &[], &unet).unwrap();
     let out = dir.path().join("out.onnx");
     let o = edit_cmd(&unet, &out, "A pack of roses", "A pack of blue roses")
         .output()

@@ -3,8 +3,11 @@
 
 use std::path::Path;
 
+mod common;
+
+use common::write_patched;
 use prost::Message;
-use time_onnx::onnx::patch::{TensorPatch, WriteError, write_patched};
+use time_onnx::onnx::patch::{TensorPatch, WriteError};
 use time_onnx::onnx::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use time_onnx::onnx::{Model, Storage};
 

@@ -3,17 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{
+    FIXTURES, cpu_threads, edit_request, generate, max_abs_diff, npy, with_base_scheduler_config,
+};
 use ndarray::ArrayD;
 use serde_json::Value;
+use time_onnx::edit::Targets;
 use time_onnx::edit::operator_file::{self, OperatorMeta};
-use time_onnx::pipeline::png::read_npy;
-use time_onnx::pipeline::schedulers::{SchedulerConfig, SchedulerKind, python_json};
-use time_onnx::runtime::{Device, Runtime, SessionOptions};
-use time_onnx::unet::weights::Targets;
+use time_onnx::pipeline::schedulers::SchedulerKind;
+use time_onnx::runtime::Runtime;
 use time_onnx::workflow::edit::{self, EditJobError, EditRequest};
 use time_onnx::workflow::generate::{GenerateError, Generator, Params};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(format!("{FIXTURES}/goldens/time/cases.json")).unwrap();
@@ -21,11 +23,6 @@ fn cases() -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn npy(path: &Path) -> ArrayD<f32> {
-    let (shape, data) = read_npy(path).unwrap();
-    ArrayD::from_shape_vec(shape, data).unwrap()
 }
 
 fn request(
@@ -36,14 +33,9 @@ fn request(
     out: Option<PathBuf>,
     op: Option<PathBuf>,
 ) -> EditRequest {
-    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}"));
     EditRequest {
         unet,
         output: out,
-        text_encoder: dir.join("text_encoder/model.onnx"),
-        tokenizer: dir.join("tokenizer"),
-        source: edit["source"].as_str().unwrap().into(),
-        destination: edit["destination"].as_str().unwrap().into(),
         lambda: case["lambda"].as_f64().unwrap(),
         augmentations: case["augmentations"]
             .as_array()
@@ -51,32 +43,20 @@ fn request(
             .iter()
             .map(|a| a.as_str().unwrap().into())
             .collect(),
-        targets: Targets::KeysAndValues,
-        save_weights: None,
         save_operator: op,
+        ..edit_request(
+            flavour,
+            edit["source"].as_str().unwrap(),
+            edit["destination"].as_str().unwrap(),
+        )
     }
 }
 
 /// 3 PNDM steps from the golden latents, as the generation goldens.
 fn images(flavour: &str, unet: Option<&Path>, ops: &[PathBuf]) -> ArrayD<f32> {
     let rt = Runtime::load().unwrap();
-    let opts = SessionOptions {
-        device: Device::Cpu,
-        threads: Some(1),
-        ..SessionOptions::default()
-    };
-    let mut g = Generator::open(
-        &rt,
-        &PathBuf::from(format!("{FIXTURES}/sd-tiny/{flavour}")),
-        unet,
-        opts,
-    )
-    .unwrap();
-    let text =
-        std::fs::read_to_string(format!("{FIXTURES}/goldens/schedulers/index.json")).unwrap();
-    g.set_scheduler_config(
-        SchedulerConfig::from_value(python_json(&text).unwrap()["base_config"].clone()).unwrap(),
-    );
+    let folder = with_base_scheduler_config(flavour);
+    let mut g = Generator::open(&rt, folder.path(), unet, cpu_threads(1)).unwrap();
     let loaded: Vec<_> = ops
         .iter()
         .map(|p| operator_file::load(p).unwrap())
@@ -96,13 +76,10 @@ fn images(flavour: &str, unet: Option<&Path>, ops: &[PathBuf]) -> ArrayD<f32> {
         scheduler: Some(SchedulerKind::Pndm),
         eta: 0.0,
     };
-    g.generate("A pack of roses", &params, &mut |_, _| {})
+    generate(&mut g, "A pack of roses", &params)
         .unwrap()
+        .pixels
         .into_dyn()
-}
-
-fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// For every golden case that edits keys and values: operators (one per
@@ -252,11 +229,7 @@ fn operator_from_another_text_encoder_needs_force() {
     operator_file::save(&op, &operator, &foreign).unwrap();
 
     let rt = Runtime::load().unwrap();
-    let opts = SessionOptions {
-        device: Device::Cpu,
-        threads: Some(1),
-        ..SessionOptions::default()
-    };
+    let opts = cpu_threads(1);
     let mut g = Generator::open(
         &rt,
         &PathBuf::from(format!("{FIXTURES}/sd-tiny/optimum")),
@@ -267,7 +240,7 @@ fn operator_from_another_text_encoder_needs_force() {
     let loaded = vec![operator_file::load(&op).unwrap()];
     let err = g.set_edit_operators(&loaded, false).unwrap_err();
     assert!(
-        matches!(err, GenerateError::Mismatch(_)) && err.to_string().contains("--force"),
+        matches!(err, GenerateError::OtherTextEncoder { .. }),
         "{err}"
     );
     g.set_edit_operators(&loaded, true).unwrap();

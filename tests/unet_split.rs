@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 
+mod common;
+
+use common::cpu_threads;
 use ndarray::{ArrayD, IxDyn};
-use ort::session::Session;
-use ort::value::{DynValue, Tensor, TensorElementType};
 use time_onnx::onnx::Model;
 use time_onnx::onnx::split::split_text_projections;
-use time_onnx::runtime::tensors::{float_array, float_value, port};
-use time_onnx::runtime::{Device, Runtime, SessionOptions};
+use time_onnx::runtime::{ElementType, Runtime, Session, Value};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sd-tiny");
 
@@ -24,17 +24,18 @@ fn wave(shape: &[usize], phase: f32) -> ArrayD<f32> {
 }
 
 /// The value of input `name` of `session`, from `a`, in the declared type.
-fn input(session: &Session, name: &str, a: &ArrayD<f32>) -> DynValue {
-    let (ty, _) = port(session, name, true).unwrap();
-    match ty {
-        TensorElementType::Int64 => Tensor::from_array(a.mapv(|v| v as i64)).unwrap().into_dyn(),
-        ty => float_value(ty, a.view()).unwrap(),
+fn input(session: &Session, name: &str, a: &ArrayD<f32>) -> Value {
+    match session.input(name).unwrap().ty {
+        Some(ElementType::I64) => session
+            .int_value(name, a.shape(), a.iter().map(|&v| v as i64).collect())
+            .unwrap(),
+        _ => session.float_value(name, a.view()).unwrap(),
     }
 }
 
 /// Fixed dims where the export fixes them, `fallback` elsewhere.
 fn dims(session: &Session, name: &str, fallback: &[usize]) -> Vec<usize> {
-    let (_, declared) = port(session, name, true).unwrap();
+    let declared = &session.input(name).unwrap().dims;
     declared
         .iter()
         .zip(fallback)
@@ -45,41 +46,40 @@ fn dims(session: &Session, name: &str, fallback: &[usize]) -> Vec<usize> {
 #[test]
 fn split_unets_predict_what_the_file_predicts() {
     let rt = Runtime::load().unwrap();
-    let opts = SessionOptions {
-        device: Device::Cpu,
-        threads: Some(1),
-        ..SessionOptions::default()
-    };
+    let opts = cpu_threads(1);
     for flavour in ["diffusers-onnx", "optimum", "dynamo", "fp16", "fp16-io32"] {
         let path = PathBuf::from(format!("{FIXTURES}/{flavour}/unet/model.onnx"));
         let split = split_text_projections(&Model::open(&path).unwrap()).unwrap();
-        let mut whole = rt.session_with(&path, opts).unwrap();
-        let mut projections = rt
-            .session_from_bytes(&path, &split.projections, opts)
-            .unwrap();
-        let mut rest = rt.session_from_bytes(&path, &split.unet, opts).unwrap();
+        let mut whole = rt.open(&path, opts).unwrap();
+        let mut projections = rt.open_bytes(&path, &split.projections, opts).unwrap();
+        let mut rest = rt.open_bytes(&path, &split.unet, opts).unwrap();
 
         let sample = wave(&dims(&whole, "sample", &[2, 4, 16, 16]), 0.0);
         let hidden = wave(&dims(&whole, "encoder_hidden_states", &[2, 77, 16]), 1.0);
-        let (_, t_dims) = port(&whole, "timestep", true).unwrap();
+        let t_dims = &whole.input("timestep").unwrap().dims;
         let timestep = if t_dims.is_empty() {
             ArrayD::from_elem(IxDyn(&[]), 501.0)
         } else {
             ArrayD::from_elem(IxDyn(&[sample.shape()[0]]), 501.0)
         };
+        let output = whole.outputs()[0].name.clone();
         let expected = {
-            let inputs = ort::inputs![
-                "sample" => input(&whole, "sample", &sample),
-                "timestep" => input(&whole, "timestep", &timestep),
-                "encoder_hidden_states" => input(&whole, "encoder_hidden_states", &hidden),
+            let inputs = [
+                ("sample", input(&whole, "sample", &sample)),
+                ("timestep", input(&whole, "timestep", &timestep)),
+                (
+                    "encoder_hidden_states",
+                    input(&whole, "encoder_hidden_states", &hidden),
+                ),
             ];
-            float_array(&whole.run(inputs).unwrap()[0]).unwrap()
+            let refs: Vec<(&str, &Value)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
+            whole.run(&refs).unwrap().float(&output).unwrap()
         };
         let hidden_value = input(&whole, "encoder_hidden_states", &hidden);
         let products = projections
-            .run(ort::inputs!["encoder_hidden_states" => &hidden_value])
+            .run(&[("encoder_hidden_states", &hidden_value)])
             .unwrap();
-        let mut inputs: Vec<(String, DynValue)> = vec![
+        let mut inputs: Vec<(String, Value)> = vec![
             ("sample".into(), input(&rest, "sample", &sample)),
             ("timestep".into(), input(&rest, "timestep", &timestep)),
             (
@@ -88,10 +88,13 @@ fn split_unets_predict_what_the_file_predicts() {
             ),
         ];
         for name in &split.products {
-            let product = float_array(&products[name.as_str()]).unwrap();
+            let product = products.float(name).unwrap();
             inputs.push((name.clone(), input(&rest, name, &product)));
         }
-        let got = float_array(&rest.run(inputs).unwrap()[0]).unwrap();
+        drop(products);
+        let refs: Vec<(&str, &Value)> = inputs.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let output = rest.outputs()[0].name.clone();
+        let got = rest.run(&refs).unwrap().float(&output).unwrap();
 
         assert_eq!(got.shape(), expected.shape(), "{flavour}");
         let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));

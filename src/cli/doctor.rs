@@ -1,13 +1,12 @@
 //! `time-onnx doctor`: which ONNX Runtime is used, and whether CUDA works.
 
-use ort::ep::ExecutionProvider;
 use time_onnx::runtime::Runtime;
 
 pub fn run() -> anyhow::Result<()> {
     let rt = Runtime::load()?;
     println!("library: {}", rt.library().display());
     println!("{}", rt.build_info());
-    let cuda = match ort::ep::CUDA::is_available() {
+    let cuda = match rt.cuda_in_build() {
         Ok(false) => {
             "not in this build of ONNX Runtime (scripts/setup.sh --cuda installs the GPU build)"
                 .to_string()

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use std::io::{IsTerminal, Write};
-use time_onnx::edit::DEFAULT_AUGMENTATIONS;
-use time_onnx::unet::weights::Targets;
+use time_onnx::edit::{DEFAULT_AUGMENTATIONS, Targets};
 
 use time_onnx::onnx::summary::human_bytes;
 use time_onnx::workflow::edit::{self, EditReport, EditRequest, Progress};

@@ -13,7 +13,7 @@ use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
 use time_onnx::workflow::eval::{self, EvalRequest};
 
-use super::generate::{DeviceArg, parse_scheduler, resolve_device};
+use super::{DeviceArg, parse_scheduler, resolve_device};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -89,7 +89,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     } = args;
     let rt = Runtime::load()?;
     let session = SessionOptions {
-        device: resolve_device(&rt, device)?,
+        device: resolve_device(&rt, device),
         threads,
         optimization: GraphOptimization::Extended,
     };

@@ -6,11 +6,14 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use time_onnx::edit::operator_file;
+use time_onnx::edit::Operator;
+use time_onnx::edit::operator_file::{self, OperatorMeta};
 use time_onnx::pipeline::png::{read_npy, write_npy, write_png};
 use time_onnx::pipeline::schedulers::SchedulerKind;
-use time_onnx::runtime::{Device, GraphOptimization, Runtime, SessionOptions};
-use time_onnx::workflow::generate::{Generator, Params};
+use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
+use time_onnx::workflow::generate::{Generator, Images, Params};
+
+use super::{DeviceArg, parse_scheduler, resolve_device};
 
 /// Arguments of `generate`.
 #[derive(Debug, Args)]
@@ -98,17 +101,6 @@ enum GraphOptArg {
     All,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub(super) enum DeviceArg {
-    Auto,
-    Cuda,
-    Cpu,
-}
-
-pub(super) fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
-    s.parse::<SchedulerKind>().map_err(|e| e.to_string())
-}
-
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let GenerateArgs {
         model,
@@ -134,49 +126,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         graph_opt,
         threads,
     } = args;
-    let prompts: Vec<String> = match (prompt, prompts) {
-        (Some(p), _) => vec![p],
-        (None, Some(file)) => std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect(),
-        (None, None) => bail!("give --prompt or --prompts"),
-    };
-    if prompts.is_empty() {
-        bail!("the prompts file has no prompts");
-    }
-    let latents = match latents {
-        Some(path) => {
-            let (shape, data) =
-                read_npy(&path).with_context(|| format!("reading latents {}", path.display()))?;
-            Some(ndarray::ArrayD::from_shape_vec(shape, data).context("latents")?)
-        }
-        None => None,
-    };
+    let prompts = read_prompts(prompt, prompts)?;
+    let latents = latents.as_deref().map(read_latents).transpose()?;
 
     let rt = Runtime::load()?;
-    let device = resolve_device(&rt, device)?;
     let optimization = match graph_opt {
         GraphOptArg::Extended => GraphOptimization::Extended,
         GraphOptArg::All => GraphOptimization::All,
     };
+    let device = resolve_device(&rt, device);
     let opts = SessionOptions {
         device,
         threads,
         optimization,
     };
-    let mut generator =
-        Generator::open_with_safety(&rt, &model, unet.as_deref(), opts, no_safety_checker)
-            .with_context(|| format!("loading {}", model.display()))?;
-    let operators = edit_files
-        .iter()
-        .map(|p| {
-            operator_file::load(p).with_context(|| format!("reading edit operator {}", p.display()))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut generator = Generator::open(&rt, &model, unet.as_deref(), opts)
+        .with_context(|| format!("loading {}", model.display()))?;
+    if no_safety_checker {
+        generator = generator.without_safety_checker();
+    }
+    let operators = read_operators(&edit_files)?;
     generator.set_edit_operators(&operators, force)?;
     let (default_h, default_w) = generator.default_size();
     let params = Params {
@@ -191,11 +160,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         scheduler,
         eta,
     };
-    let kind = generator.scheduler_kind(&params)?;
-    let edits = serde_json::to_string(&generator.edits).unwrap_or_default();
-    let operator_text =
-        serde_json::to_string(&operators.iter().map(|(_, m)| m).collect::<Vec<_>>())
-            .unwrap_or_default();
+    let text = ImageText::of(&generator, &model, &params, &operators)?;
     // Every prompt through the text encoder first, then free it: the UNet
     // loads next and peak memory is the larger of the two, not their sum.
     let embeddings = prompts
@@ -205,71 +170,23 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     generator.release_text_encoder();
     for (pi, (prompt, emb)) in prompts.iter().zip(&embeddings).enumerate() {
         let started = Instant::now();
-        let mut print = progress_printer();
-        let mut step_ends = Vec::with_capacity(steps + 1);
-        let (images, flagged) = generator.generate_embedded(emb, &params, &mut |done, total| {
-            step_ends.push(Instant::now());
-            print(done, total);
-        })?;
-        for (i, f) in flagged.iter().enumerate() {
+        let (images, step_ends) = timed_generation(&mut generator, emb, &params)?;
+        for (i, f) in images.flagged.iter().enumerate() {
             if *f {
                 eprintln!(
                     "warning: the safety checker flagged image {i} of {prompt:?}; it was replaced by a black image"
                 );
             }
         }
-        let n = images.shape()[0];
         let tag = (prompts.len() > 1).then_some(pi);
-        if output_type == OutputType::Npy {
-            let path = numbered(&output, tag, None);
-            write_npy(
-                &path,
-                images.shape(),
-                images
-                    .as_slice()
-                    .unwrap_or(&images.to_owned().into_raw_vec_and_offset().0),
-            )
-            .with_context(|| format!("writing {}", path.display()))?;
-            println!("{}", path.display());
-        } else {
-            for (i, img) in images.outer_iter().enumerate() {
-                let path = numbered(&output, tag, (n > 1).then_some(i));
-                let text = vec![
-                    ("prompt".to_string(), prompt.clone()),
-                    ("negative_prompt".to_string(), negative_prompt.clone()),
-                    ("seed".to_string(), seed.to_string()),
-                    ("image_index".to_string(), i.to_string()),
-                    ("steps".to_string(), steps.to_string()),
-                    ("scheduler".to_string(), kind.to_string()),
-                    ("guidance".to_string(), guidance.to_string()),
-                    (
-                        "safety_checker".to_string(),
-                        safety_text(generator.has_safety_checker(), flagged[i]),
-                    ),
-                    (
-                        "size".to_string(),
-                        format!("{}x{}", params.width, params.height),
-                    ),
-                    ("model".to_string(), model.display().to_string()),
-                    (
-                        "unet".to_string(),
-                        generator.unet_path.display().to_string(),
-                    ),
-                    ("time_onnx.edits".to_string(), edits.clone()),
-                    ("time_onnx.operators".to_string(), operator_text.clone()),
-                    (
-                        "Software".to_string(),
-                        format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
-                    ),
-                ];
-                write_png(&path, img, &text)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("{}", path.display());
-            }
+        match output_type {
+            OutputType::Npy => write_array(&output, tag, &images)?,
+            OutputType::Png => write_pngs(&output, tag, &images, prompt, &params, &text)?,
         }
         tracing::info!(
-            "{:?}: {n} image(s) in {:.2} s; {}",
+            "{:?}: {} image(s) in {:.2} s; {}",
             prompt,
+            images.pixels.shape()[0],
             started.elapsed().as_secs_f64(),
             step_summary(&step_ends)
         );
@@ -277,24 +194,139 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decides the device once, so that "CUDA unavailable" is said once, not per session.
-pub(super) fn resolve_device(rt: &Runtime, d: DeviceArg) -> anyhow::Result<Device> {
-    Ok(match d {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda,
-        DeviceArg::Auto => match rt.cuda_check() {
-            Ok(()) => {
-                eprintln!("running on CUDA");
-                Device::Cuda
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                let short = reason.lines().next().unwrap_or_default();
-                tracing::warn!("CUDA is not available, running on CPU ({short})");
-                Device::Cpu
-            }
-        },
-    })
+/// One prompt's images, with a progress line on a terminal and the instant
+/// each denoising step ended.
+fn timed_generation(
+    generator: &mut Generator,
+    emb: &ndarray::Array3<f32>,
+    params: &Params,
+) -> anyhow::Result<(Images, Vec<Instant>)> {
+    let mut print = progress_printer();
+    let mut step_ends = Vec::with_capacity(params.steps + 1);
+    let images = generator.generate(emb, params, &mut |done, total| {
+        step_ends.push(Instant::now());
+        print(done, total);
+    })?;
+    Ok((images, step_ends))
+}
+
+/// `--prompt`, or the non-empty lines of `--prompts`.
+fn read_prompts(prompt: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Vec<String>> {
+    let prompts: Vec<String> = match (prompt, file) {
+        (Some(p), _) => vec![p],
+        (None, Some(file)) => std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        (None, None) => bail!("give --prompt or --prompts"),
+    };
+    if prompts.is_empty() {
+        bail!("the prompts file has no prompts");
+    }
+    Ok(prompts)
+}
+
+/// The `--edit` files, in order.
+fn read_operators(files: &[PathBuf]) -> anyhow::Result<Vec<(Operator, OperatorMeta)>> {
+    files
+        .iter()
+        .map(|p| {
+            operator_file::load(p).with_context(|| format!("reading edit operator {}", p.display()))
+        })
+        .collect()
+}
+
+/// `--latents FILE.npy`.
+fn read_latents(path: &Path) -> anyhow::Result<ndarray::ArrayD<f32>> {
+    let (shape, data) =
+        read_npy(path).with_context(|| format!("reading latents {}", path.display()))?;
+    ndarray::ArrayD::from_shape_vec(shape, data).context("latents")
+}
+
+/// What every PNG of a run records beside its own prompt and index.
+struct ImageText {
+    model: String,
+    unet: String,
+    scheduler: String,
+    edits: String,
+    operators: String,
+    safety_checker: bool,
+}
+
+impl ImageText {
+    fn of(
+        generator: &Generator,
+        model: &Path,
+        params: &Params,
+        operators: &[(Operator, OperatorMeta)],
+    ) -> anyhow::Result<Self> {
+        let metas: Vec<&OperatorMeta> = operators.iter().map(|(_, m)| m).collect();
+        Ok(Self {
+            model: model.display().to_string(),
+            unet: generator.unet_path.display().to_string(),
+            scheduler: generator.scheduler_kind(params)?.to_string(),
+            edits: serde_json::to_string(&generator.edits).context("recording the UNet's edits")?,
+            operators: serde_json::to_string(&metas).context("recording the edit operators")?,
+            safety_checker: generator.has_safety_checker(),
+        })
+    }
+}
+
+/// The float images of one prompt as one .npy.
+fn write_array(output: &Path, tag: Option<usize>, images: &Images) -> anyhow::Result<()> {
+    let path = numbered(output, tag, None);
+    let pixels = images.pixels.as_standard_layout();
+    let data = pixels.as_slice().context("images in standard layout")?;
+    write_npy(&path, pixels.shape(), data)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// One PNG per image, the parameters in its text chunks.
+fn write_pngs(
+    output: &Path,
+    tag: Option<usize>,
+    images: &Images,
+    prompt: &str,
+    params: &Params,
+    text: &ImageText,
+) -> anyhow::Result<()> {
+    let n = images.pixels.shape()[0];
+    for (i, img) in images.pixels.outer_iter().enumerate() {
+        let path = numbered(output, tag, (n > 1).then_some(i));
+        let chunks: Vec<(String, String)> = [
+            ("prompt", prompt.to_string()),
+            ("negative_prompt", params.negative_prompt.clone()),
+            ("seed", params.seed.to_string()),
+            ("image_index", i.to_string()),
+            ("steps", params.steps.to_string()),
+            ("scheduler", text.scheduler.clone()),
+            ("guidance", params.guidance.to_string()),
+            (
+                "safety_checker",
+                safety_text(text.safety_checker, images.flagged[i]),
+            ),
+            ("size", format!("{}x{}", params.width, params.height)),
+            ("model", text.model.clone()),
+            ("unet", text.unet.clone()),
+            ("time_onnx.edits", text.edits.clone()),
+            ("time_onnx.operators", text.operators.clone()),
+            (
+                "Software",
+                format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        write_png(&path, img, &chunks).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 /// `out.png` → `out-<prompt>-<image>.png` as needed.

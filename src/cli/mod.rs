@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and one function per command.
 //! Only this module knows clap; the library sees plain option structs.
 
+mod advice;
 mod doctor;
 mod edit;
 mod eval;
@@ -9,7 +10,11 @@ mod grid;
 mod inspect;
 pub mod signals;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use time_onnx::pipeline::schedulers::SchedulerKind;
+use time_onnx::runtime::{Device, Runtime};
+
+pub use advice::one_line;
 
 /// Edit the implicit assumptions of Stable Diffusion models inside their ONNX
 /// files (TIME, Orgad et al. 2023), and generate images with the result.
@@ -98,5 +103,38 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Grid(args) => grid::run(args),
         Command::Doctor => doctor::run(),
+    }
+}
+
+/// `--device`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+/// `--scheduler`: a CLI name or a diffusers class name.
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse::<SchedulerKind>().map_err(|e| e.to_string())
+}
+
+/// The device every session of the run uses, decided once here so that
+/// "CUDA unavailable" is said once, not per session.
+fn resolve_device(rt: &Runtime, d: DeviceArg) -> Device {
+    match d {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda,
+        DeviceArg::Auto => {
+            let choice = rt.choose_device(Device::Auto);
+            match &choice.cuda_unavailable {
+                None => eprintln!("running on CUDA"),
+                Some(reason) => {
+                    let short = reason.lines().next().unwrap_or_default();
+                    tracing::warn!("CUDA is not available, running on CPU ({short})");
+                }
+            }
+            choice.device
+        }
     }
 }

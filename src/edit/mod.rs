@@ -1,29 +1,38 @@
 //! TIME's closed-form edit (Orgad, Kawar, Belinkov 2023), from text
-//! embeddings alone: no ONNX, no runtime.
+//! embeddings to the bytes of every cross-attention K/V weight: no runtime.
 //!
-//! The journey: [`prompt_pairs`] builds the augmented (source, destination)
+//! The steps, in the order the edit journey ([`crate::workflow::edit`])
+//! takes them: [`prompt_pairs`] builds the augmented (source, destination)
 //! prompts; the caller encodes each prompt with the text encoder
 //! (`[77, d] f32` per prompt); [`align_prompts`] maps every source position
 //! to its destination position; [`solve()`] turns the embeddings and maps into
 //! one [`Operator`] shared by every cross-attention K/V projection:
 //! W' = W·A, with A = (λI + Σ c* cᵀ)(λI + Σ c cᵀ)⁻¹ (W' = (λW + Σ W c* cᵀ)·
-//! (λI + Σ c cᵀ)⁻¹ as the paper writes it, since v* = W c*).
+//! (λI + Σ c cᵀ)⁻¹ as the paper writes it, since v* = W c*);
+//! [`weights::apply`] rewrites one stored weight with it.
 //!
 //! ONNX stores those weights transposed, Wᵀ `[d, out]`, so the operator
-//! keeps Aᵀ and [`apply_transposed`] computes W'ᵀ = Aᵀ·Wᵀ. Whether keys are
-//! edited along with values is the caller's choice of weights; successive
-//! edits compose by applying one operator after the other (or
-//! [`Operator::then`]).
+//! keeps Aᵀ and a weight edits to W'ᵀ = Aᵀ·Wᵀ. Whether keys are edited along
+//! with values is the caller's choice ([`Targets`]); successive edits compose
+//! by applying one operator after the other (or [`Operator::then`]).
+//!
+//! What an edit leaves behind: a [`record::EditRecord`] in the UNet's
+//! metadata, an operator file ([`operator_file`]), a torch weights file
+//! ([`weights_file`]). Only those two file modules do I/O.
 
 pub mod align;
 pub mod operator_file;
+pub mod record;
 pub mod solve;
+pub mod weights;
+pub mod weights_file;
 
 pub use align::{
     ArticleRule, DEFAULT_AUGMENTATIONS, DEFAULT_LAMBDA, align, align_prompts, augmentation_base,
     prompt_pairs,
 };
-pub use solve::{Change, Operator, apply_transposed, solve};
+pub use solve::{Change, Operator, solve};
+pub use weights::{Targets, WeightError};
 
 use crate::text::TextError;
 

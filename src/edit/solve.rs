@@ -155,15 +155,6 @@ impl Operator {
         }
     }
 
-    /// The edited weight W'ᵀ = Aᵀ·Wᵀ `[d, out] f64` of an ONNX weight Wᵀ
-    /// `[d, out]` (f32 or f64). See [`apply_transposed`].
-    pub fn apply_transposed<T: Copy + Into<f64>>(
-        &self,
-        wt: ArrayView2<'_, T>,
-    ) -> Result<Array2<f64>, EditError> {
-        apply_transposed(self.transposed(), wt)
-    }
-
     /// The operator of this edit followed by `next`: W·A₁·A₂, i.e.
     /// (A₁A₂)ᵀ = A₂ᵀ·A₁ᵀ. Equal to applying one after the other (the
     /// reference's `restart_params=False`), since each A depends on the
@@ -180,31 +171,6 @@ impl Operator {
             repr: Repr::Dense(next.transposed().dot(&self.transposed())),
         })
     }
-}
-
-/// W'ᵀ = Aᵀ·Wᵀ `[d, out] f64` for `at` = Aᵀ `[d, d] f64` and an ONNX K/V
-/// weight `wt` = Wᵀ `[d, out]` (f32 or f64). The result stays f64: the
-/// caller rounds once, to the file's dtype.
-pub fn apply_transposed<T: Copy + Into<f64>>(
-    at: ArrayView2<'_, f64>,
-    wt: ArrayView2<'_, T>,
-) -> Result<Array2<f64>, EditError> {
-    let d = at.nrows();
-    if at.ncols() != d {
-        return Err(EditError::Shape {
-            what: "operator A^T",
-            expected: vec![d, d],
-            actual: vec![d, at.ncols()],
-        });
-    }
-    if wt.nrows() != d {
-        return Err(EditError::Shape {
-            what: "transposed weight W^T",
-            expected: vec![d, wt.ncols()],
-            actual: vec![wt.nrows(), wt.ncols()],
-        });
-    }
-    Ok(at.dot(&wt.mapv(Into::into)))
 }
 
 /// Solves TIME's edit for all (source, destination) pairs at once.
@@ -405,6 +371,27 @@ fn solve_spd(m: &Array2<f64>, b: &Array2<f64>, lambda: f64) -> Result<Array2<f64
     l.t()
         .solve_triangular(UPLO::Upper, Diag::NonUnit, &y)
         .map_err(failed)
+}
+
+/// W'ᵀ = Aᵀ·Wᵀ `[d, out] f64` of an ONNX K/V weight Wᵀ `[d, out]` (f32 or
+/// f64), the dense product the tests take as the reference for the edit
+/// that [`Change::add_to`] makes in place.
+#[cfg(test)]
+impl Operator {
+    fn apply_transposed<T: Copy + Into<f64>>(
+        &self,
+        wt: ArrayView2<'_, T>,
+    ) -> Result<Array2<f64>, EditError> {
+        let d = self.dim();
+        if wt.nrows() != d {
+            return Err(EditError::Shape {
+                what: "transposed weight W^T",
+                expected: vec![d, wt.ncols()],
+                actual: vec![wt.nrows(), wt.ncols()],
+            });
+        }
+        Ok(self.transposed().dot(&wt.mapv(Into::into)))
+    }
 }
 
 #[cfg(test)]

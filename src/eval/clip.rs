@@ -6,12 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array4, ArrayView3, Axis};
-use ort::session::Session;
 
 use super::{EvalError, Pick};
 use crate::pipeline::clip_image::ClipImageConfig;
-use crate::runtime::tensors::float_array;
-use crate::runtime::{Runtime, SessionError, SessionOptions};
+use crate::runtime::{Runtime, Session, SessionOptions};
 use crate::text::ClipTokenizer;
 
 /// The CLIP model, its tokenizer and its image preprocessing.
@@ -34,9 +32,9 @@ impl Clip {
                 why: e.why,
             })?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
-        let session = rt.session_with(&path, opts)?;
+        let session = rt.open(&path, opts)?;
         for name in ["input_ids", "pixel_values"] {
-            if !session.inputs().iter().any(|i| i.name() == name) {
+            if session.input(name).is_none() {
                 return Err(EvalError::Classifier {
                     path,
                     why: format!("no input {name:?}: not a CLIP export"),
@@ -60,10 +58,6 @@ impl Clip {
         b: &str,
     ) -> Result<Vec<Option<Pick>>, EvalError> {
         let path = self.path.clone();
-        let err = |source: ort::Error| SessionError::Ort {
-            path: path.clone(),
-            source,
-        };
         let n_len = self.tokenizer.max_len();
         let mut ids = Array2::<i64>::zeros((2, n_len));
         let mut mask = Array2::<i64>::zeros((2, n_len));
@@ -87,23 +81,14 @@ impl Clip {
             .map_err(shape_error)?
             .into_dimensionality()
             .map_err(shape_error)?;
-        let has_mask = self
-            .session
-            .inputs()
-            .iter()
-            .any(|i| i.name() == "attention_mask");
-        let mut inputs = ort::inputs![
-            "input_ids" => ort::value::Tensor::from_array(ids).map_err(err)?,
-            "pixel_values" => ort::value::Tensor::from_array(pixels).map_err(err)?,
-        ];
-        if has_mask {
-            inputs.push((
-                "attention_mask".into(),
-                ort::value::Tensor::from_array(mask).map_err(err)?.into(),
-            ));
+        let ids = self.session.i64_value(ids.into_dyn())?;
+        let pixels = self.session.f32_value(pixels.into_dyn())?;
+        let mask = self.session.i64_value(mask.into_dyn())?;
+        let mut inputs = vec![("input_ids", &ids), ("pixel_values", &pixels)];
+        if self.session.input("attention_mask").is_some() {
+            inputs.push(("attention_mask", &mask));
         }
-        let outputs = self.session.run(inputs).map_err(err)?;
-        let logits = float_array(&outputs["logits_per_image"]).map_err(err)?;
+        let logits = self.session.run(&inputs)?.float("logits_per_image")?;
         Ok(logits
             .outer_iter()
             .map(|row| match row[0].partial_cmp(&row[1]) {

@@ -1,10 +1,17 @@
-//! ONNX files: the protobuf schema we read, opening models without copying
-//! their weights, and locating tensor bytes (inline or in external data).
+//! ONNX files: the protobuf schema we read ([`proto`], [`wire`] for writing
+//! at the wire level), opening models without copying their weights and
+//! locating tensor bytes, inline or in external data ([`Model`]); the UNet's
+//! cross-attention K/V weights found by graph structure
+//! ([`cross_attention`], named from `config.json` by [`module_paths`]);
+//! patched copies ([`patch`]), the split of the text projections
+//! ([`split`]), weights fingerprints ([`fingerprint`]) and what `inspect`
+//! prints ([`summary`]). Nothing here runs a model.
 
 pub mod cross_attention;
 mod dtype;
 pub mod fingerprint;
 mod model;
+pub mod module_paths;
 pub mod patch;
 pub mod proto;
 pub mod split;

@@ -118,6 +118,22 @@ impl Model {
         })
     }
 
+    /// The declared dims of graph input `name`: `Some(n)` where the export
+    /// fixes a dimension, `None` where it is symbolic or missing. `None` when
+    /// there is no such tensor input.
+    pub fn input_dims(&self, name: &str) -> Option<Vec<Option<usize>>> {
+        use super::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
+        let input = self.graph().ok()?.input.iter().find(|i| i.name == name)?;
+        let Some(Value::TensorType(t)) = input.r#type.as_ref()?.value.as_ref() else {
+            return None;
+        };
+        let fixed = |d: &super::proto::tensor_shape_proto::Dimension| match d.value.as_ref() {
+            Some(Dim::DimValue(v)) if *v > 0 => usize::try_from(*v).ok(),
+            _ => None,
+        };
+        Some(t.shape.as_ref()?.dim.iter().map(fixed).collect())
+    }
+
     /// Validates a tensor's header and finds its bytes.
     pub fn tensor_info(&self, t: &TensorProto) -> Result<TensorInfo, OnnxError> {
         let bad = |why: String| OnnxError::BadTensor {

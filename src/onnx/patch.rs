@@ -28,7 +28,7 @@ use prost::Message;
 use super::proto::StringStringEntryProto;
 use super::wire;
 use super::{Model, OnnxError, Storage, TensorInfo};
-use crate::staged::{Staged, folder_of};
+use crate::staged::{Staged, TempFile, folder_of};
 
 /// New bytes for one initializer; as long as the old ones.
 pub struct TensorPatch {
@@ -91,16 +91,6 @@ pub struct Written {
     pub model: PathBuf,
     /// External data files written beside it.
     pub data_files: Vec<PathBuf>,
-}
-
-/// Writes `model` with `patches` applied and `metadata` appended to `output`.
-pub fn write_patched(
-    model: &Model,
-    patches: &[TensorPatch],
-    metadata: &[(String, String)],
-    output: &Path,
-) -> Result<Written, WriteError> {
-    Copying::start(model, output)?.finish(model, patches, metadata, &mut |_, _| {})
 }
 
 /// The copy of a model's bulk (its external data files, or the model file
@@ -246,84 +236,12 @@ impl Copying {
                 return Err(WriteError::Unpatchable(p.tensor.name.clone()));
             }
         }
-        if let Some(thread) = self.thread.take() {
-            let tick = std::time::Duration::from_millis(100);
-            while self.ended.recv_timeout(tick) == Err(mpsc::RecvTimeoutError::Timeout) {
-                progress(self.done.load(Ordering::Relaxed), self.total);
-            }
-            thread.join().map_err(|_| {
-                io(
-                    &self.output,
-                    std::io::Error::other("the copying thread panicked"),
-                )
-            })??;
-            progress(self.done.load(Ordering::Relaxed), self.total);
-        }
-        // External files: patch the copies in place.
-        for (old, new) in &self.locations {
-            let tmp = self
-                .staged
-                .find(&self.out_dir.join(new))
-                .ok_or_else(|| io(&self.output, std::io::Error::other("lost a temporary file")))?;
-            for p in patches {
-                if let Storage::External { location, offset } = &p.tensor.storage
-                    && location == old
-                {
-                    tmp.file
-                        .write_all_at(&p.data, *offset)
-                        .map_err(|source| io(&tmp.path, source))?;
-                }
-            }
-        }
-        // The model file: the patched copy, or re-emitted with new locations.
-        let tail = encode_metadata(metadata);
-        let tmp = if self.locations.is_empty() {
-            let tmp = self
-                .staged
-                .find(&self.output)
-                .ok_or_else(|| io(&self.output, std::io::Error::other("lost a temporary file")))?;
-            for p in patches {
-                if let Storage::Inline { offset } = p.tensor.storage {
-                    tmp.file
-                        .write_all_at(&p.data, offset)
-                        .map_err(|source| io(&tmp.path, source))?;
-                }
-            }
-            (&tmp.file)
-                .seek(SeekFrom::End(0))
-                .map_err(|source| io(&tmp.path, source))?;
-            tmp
-        } else {
-            let inline: HashMap<&str, &[u8]> = patches
-                .iter()
-                .filter(|p| matches!(p.tensor.storage, Storage::Inline { .. }))
-                .map(|p| (p.tensor.name.as_str(), p.data.as_slice()))
-                .collect();
-            let rename: HashMap<&str, &str> = self
-                .locations
-                .iter()
-                .map(|(o, n)| (o.as_str(), n.as_str()))
-                .collect();
-            let rewritten =
-                wire::rewrite_model(model.file_bytes(), &rename, &inline).map_err(|why| {
-                    WriteError::Wire {
-                        path: model.path().to_path_buf(),
-                        why,
-                    }
-                })?;
-            let tmp = self
-                .staged
-                .create(&self.output)
-                .map_err(|source| io(&self.output, source))?;
-            (&tmp.file)
-                .write_all(&rewritten)
-                .map_err(|source| io(&tmp.path, source))?;
-            tmp
-        };
+        self.wait(progress)?;
+        self.patch_external(patches)?;
+        let tmp = self.write_model(model, patches)?;
         (&tmp.file)
-            .write_all(&tail)
+            .write_all(&encode_metadata(metadata))
             .map_err(|source| io(&tmp.path, source))?;
-
         let written = Written {
             model: self.output.clone(),
             data_files: self
@@ -336,6 +254,98 @@ impl Copying {
             .commit()
             .map_err(|(path, source)| io(&path, source))?;
         Ok(written)
+    }
+
+    /// Waits for the copying thread, reporting progress.
+    fn wait(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), WriteError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let tick = std::time::Duration::from_millis(100);
+        while self.ended.recv_timeout(tick) == Err(mpsc::RecvTimeoutError::Timeout) {
+            progress(self.done.load(Ordering::Relaxed), self.total);
+        }
+        thread.join().map_err(|_| {
+            io(
+                &self.output,
+                std::io::Error::other("the copying thread panicked"),
+            )
+        })??;
+        progress(self.done.load(Ordering::Relaxed), self.total);
+        Ok(())
+    }
+
+    /// Writes the externally stored patches over the copied data files.
+    fn patch_external(&self, patches: &[TensorPatch]) -> Result<(), WriteError> {
+        for (old, new) in &self.locations {
+            let tmp = self.temporary(&self.out_dir.join(new))?;
+            for p in patches {
+                if let Storage::External { location, offset } = &p.tensor.storage
+                    && location == old
+                {
+                    tmp.file
+                        .write_all_at(&p.data, *offset)
+                        .map_err(|source| io(&tmp.path, source))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The model file, positioned at its end for the metadata: the patched
+    /// copy when the model has no external data, else re-emitted with the
+    /// new locations and its inline patches.
+    fn write_model(
+        &mut self,
+        model: &Model,
+        patches: &[TensorPatch],
+    ) -> Result<&TempFile, WriteError> {
+        if self.locations.is_empty() {
+            let tmp = self.temporary(&self.output)?;
+            for p in patches {
+                if let Storage::Inline { offset } = p.tensor.storage {
+                    tmp.file
+                        .write_all_at(&p.data, offset)
+                        .map_err(|source| io(&tmp.path, source))?;
+                }
+            }
+            (&tmp.file)
+                .seek(SeekFrom::End(0))
+                .map_err(|source| io(&tmp.path, source))?;
+            return Ok(tmp);
+        }
+        let inline: HashMap<&str, &[u8]> = patches
+            .iter()
+            .filter(|p| matches!(p.tensor.storage, Storage::Inline { .. }))
+            .map(|p| (p.tensor.name.as_str(), p.data.as_slice()))
+            .collect();
+        let rename: HashMap<&str, &str> = self
+            .locations
+            .iter()
+            .map(|(o, n)| (o.as_str(), n.as_str()))
+            .collect();
+        let rewritten =
+            wire::rewrite_model(model.file_bytes(), &rename, &inline).map_err(|why| {
+                WriteError::Wire {
+                    path: model.path().to_path_buf(),
+                    why,
+                }
+            })?;
+        let tmp = self
+            .staged
+            .create(&self.output)
+            .map_err(|source| io(&self.output, source))?;
+        (&tmp.file)
+            .write_all(&rewritten)
+            .map_err(|source| io(&tmp.path, source))?;
+        Ok(tmp)
+    }
+
+    /// The temporary file staged for `dest`.
+    fn temporary(&self, dest: &Path) -> Result<&TempFile, WriteError> {
+        self.staged
+            .find(dest)
+            .ok_or_else(|| io(&self.output, std::io::Error::other("lost a temporary file")))
     }
 }
 

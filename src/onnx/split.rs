@@ -57,141 +57,11 @@ pub fn split_text_projections(model: &Model) -> Result<Split, SplitError> {
             bytes.len() >> 20
         )));
     }
-    let graph = model.graph()?;
-    if graph
-        .node
-        .iter()
-        .flat_map(|n| &n.attribute)
-        .any(|a| a.g.is_some() || !a.graphs.is_empty())
-    {
-        return Err(SplitError::Unsupported("the graph has subgraphs".into()));
-    }
-    let projections = cross_attention::locate(model)?;
-    let moved: Vec<usize> = projections.iter().map(|p| p.node_index).collect();
-    let moved_set: HashSet<usize> = moved.iter().copied().collect();
-
-    // The text input and what it passes through on the way to the projections
-    // (`Cast`, `Identity`): copied into the projections model, kept in the UNet.
-    let mut sources = vec![TEXT_INPUT.to_string()];
-    let mut chain = Vec::new();
-    for (i, node) in graph.node.iter().enumerate() {
-        if matches!(node.op_type.as_str(), "Cast" | "Identity")
-            && node.input.first().is_some_and(|x| sources.contains(x))
-        {
-            sources.extend(node.output.iter().cloned());
-            chain.push(i);
-        }
-    }
-
-    // Each product is declared with its weight's element type (no shape).
-    let mut products = Vec::new();
-    let mut declared = Vec::new();
-    let mut weights = HashSet::new();
-    for &i in &moved {
-        let node = &graph.node[i];
-        let [product] = node.output.as_slice() else {
-            return Err(SplitError::Unsupported(format!(
-                "projection node {:?} has {} outputs",
-                node.name,
-                node.output.len()
-            )));
-        };
-        let elem_type = node
-            .input
-            .get(1)
-            .and_then(|w| graph.initializer.iter().find(|t| &t.name == w))
-            .map(|t| t.data_type)
-            .ok_or_else(|| SplitError::Unsupported(format!("no weight for {product:?}")))?;
-        declared.push(
-            ValueInfoProto {
-                name: product.clone(),
-                r#type: Some(TypeProto {
-                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                        elem_type,
-                        shape: None,
-                    })),
-                    denotation: String::new(),
-                }),
-                doc_string: String::new(),
-            }
-            .encode_to_vec(),
-        );
-        products.push(product.clone());
-        weights.extend(node.input.iter().skip(1).cloned());
-    }
-    // Weights the rest of the graph still reads stay in the UNet too.
-    let still_read: HashSet<&str> = graph
-        .node
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !moved_set.contains(i))
-        .flat_map(|(_, n)| n.input.iter().map(String::as_str))
-        .collect();
-
-    let bad = |why: String| SplitError::Unsupported(format!("malformed model: {why}"));
-    let (model_fields, graph_bytes) = model_and_graph(bytes).map_err(bad)?;
-    let graph_fields = wire::fields(graph_bytes).map_err(bad)?;
-    let field = |f: &wire::Field| &graph_bytes[f.payload.clone()];
-
-    // The UNet: every graph field as it was, minus the moved nodes and the
-    // weights nobody else reads, plus the products as inputs.
-    let mut unet_graph = Vec::with_capacity(graph_bytes.len());
-    let mut node_index = 0;
-    let mut text_input = None;
-    let mut initializers = Vec::new();
-    for f in &graph_fields {
-        let keep = match (f.number, f.wire) {
-            (1, 2) => {
-                node_index += 1;
-                !moved_set.contains(&(node_index - 1))
-            }
-            (5, 2) => {
-                let name = wire::tensor_name(field(f)).map_err(bad)?;
-                let moves = weights.contains(&name);
-                if moves {
-                    initializers.push(field(f));
-                }
-                !moves || still_read.contains(name.as_str())
-            }
-            (11, 2) => {
-                let input = ValueInfoProto::decode(field(f)).map_err(|e| bad(e.to_string()))?;
-                if input.name == TEXT_INPUT {
-                    text_input = Some(field(f));
-                }
-                true
-            }
-            _ => true,
-        };
-        if keep {
-            unet_graph.extend_from_slice(&graph_bytes[f.whole.clone()]);
-        }
-    }
-    if node_index != graph.node.len() {
-        return Err(bad("node count differs from the decoded graph".into()));
-    }
-    for input in &declared {
-        wire::put_len(&mut unet_graph, 11, input);
-    }
-    let text_input = text_input.ok_or_else(|| bad("no text input".into()))?;
-
-    // The projections model: the text input, its casts, the moved nodes and
-    // their weights; the products are its outputs.
-    let mut pre_graph = Vec::new();
-    let node_fields: Vec<&wire::Field> = graph_fields
-        .iter()
-        .filter(|f| f.number == 1 && f.wire == 2)
-        .collect();
-    for &i in chain.iter().chain(&moved) {
-        wire::put_len(&mut pre_graph, 1, field(node_fields[i]));
-    }
-    wire::put_len(&mut pre_graph, 2, b"text_projections");
-    for t in &initializers {
-        wire::put_len(&mut pre_graph, 5, t);
-    }
-    wire::put_len(&mut pre_graph, 11, text_input);
-    for output in &declared {
-        wire::put_len(&mut pre_graph, 12, output);
-    }
+    let cut = Cut::of(model)?;
+    let (model_fields, graph_bytes) = model_and_graph(bytes).map_err(malformed)?;
+    let graph_fields = wire::fields(graph_bytes).map_err(malformed)?;
+    let rest = cut.rest_of_unet(graph_bytes, &graph_fields, model.graph()?.node.len())?;
+    let projections = cut.projections_graph(graph_bytes, &graph_fields, &rest);
 
     // Both models keep the original's header fields (IR version, opsets,
     // producer, metadata); only the graph differs.
@@ -207,10 +77,204 @@ pub fn split_text_projections(model: &Model) -> Result<Split, SplitError> {
         out
     };
     Ok(Split {
-        projections: with_graph(&pre_graph, false),
-        unet: with_graph(&unet_graph, true),
-        products,
+        projections: with_graph(&projections, false),
+        unet: with_graph(&rest.graph, true),
+        products: cut.products,
     })
+}
+
+fn malformed(why: String) -> SplitError {
+    SplitError::Unsupported(format!("malformed model: {why}"))
+}
+
+/// Where the graph is cut, found on the decoded graph.
+struct Cut {
+    /// Indices of the K/V projection nodes, which move.
+    moved: Vec<usize>,
+    /// The `Cast`/`Identity` nodes between the text input and the
+    /// projections: copied into the projections model, kept in the UNet.
+    chain: Vec<usize>,
+    /// The products' names.
+    products: Vec<String>,
+    /// Each product as a graph input/output declaration (`ValueInfoProto`
+    /// bytes), with its weight's element type and no shape.
+    declared: Vec<Vec<u8>>,
+    /// The weights the moved nodes read.
+    weights: HashSet<String>,
+    /// Names the nodes that stay read: their weights stay in the UNet too.
+    still_read: HashSet<String>,
+}
+
+/// The UNet's half as written, and what the projections model takes from it.
+struct Rest<'g> {
+    graph: Vec<u8>,
+    /// The text input's declaration.
+    text_input: &'g [u8],
+    /// The moved weights' initializers.
+    initializers: Vec<&'g [u8]>,
+}
+
+impl Cut {
+    fn of(model: &Model) -> Result<Self, SplitError> {
+        let graph = model.graph()?;
+        if graph
+            .node
+            .iter()
+            .flat_map(|n| &n.attribute)
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+        {
+            return Err(SplitError::Unsupported("the graph has subgraphs".into()));
+        }
+        let moved: Vec<usize> = cross_attention::locate(model)?
+            .iter()
+            .map(|p| p.node_index)
+            .collect();
+        let mut sources = vec![TEXT_INPUT.to_string()];
+        let mut chain = Vec::new();
+        for (i, node) in graph.node.iter().enumerate() {
+            if matches!(node.op_type.as_str(), "Cast" | "Identity")
+                && node.input.first().is_some_and(|x| sources.contains(x))
+            {
+                sources.extend(node.output.iter().cloned());
+                chain.push(i);
+            }
+        }
+        let mut cut = Self {
+            chain,
+            products: Vec::new(),
+            declared: Vec::new(),
+            weights: HashSet::new(),
+            still_read: graph
+                .node
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !moved.contains(i))
+                .flat_map(|(_, n)| n.input.iter().cloned())
+                .collect(),
+            moved,
+        };
+        for &i in &cut.moved {
+            let node = &graph.node[i];
+            let [product] = node.output.as_slice() else {
+                return Err(SplitError::Unsupported(format!(
+                    "projection node {:?} has {} outputs",
+                    node.name,
+                    node.output.len()
+                )));
+            };
+            let elem_type = node
+                .input
+                .get(1)
+                .and_then(|w| graph.initializer.iter().find(|t| &t.name == w))
+                .map(|t| t.data_type)
+                .ok_or_else(|| SplitError::Unsupported(format!("no weight for {product:?}")))?;
+            cut.declared.push(declaration(product, elem_type));
+            cut.products.push(product.clone());
+            cut.weights.extend(node.input.iter().skip(1).cloned());
+        }
+        Ok(cut)
+    }
+
+    /// The UNet: every graph field as it was, minus the moved nodes and the
+    /// weights nobody else reads, plus the products as inputs.
+    fn rest_of_unet<'g>(
+        &self,
+        graph_bytes: &'g [u8],
+        graph_fields: &[wire::Field],
+        node_count: usize,
+    ) -> Result<Rest<'g>, SplitError> {
+        let field = |f: &wire::Field| &graph_bytes[f.payload.clone()];
+        let mut graph = Vec::with_capacity(graph_bytes.len());
+        let mut node_index = 0;
+        let mut text_input = None;
+        let mut initializers = Vec::new();
+        for f in graph_fields {
+            let keep = match (f.number, f.wire) {
+                (1, 2) => {
+                    node_index += 1;
+                    !self.moved.contains(&(node_index - 1))
+                }
+                (5, 2) => {
+                    let name = wire::tensor_name(field(f)).map_err(malformed)?;
+                    let moves = self.weights.contains(&name);
+                    if moves {
+                        initializers.push(field(f));
+                    }
+                    !moves || self.still_read.contains(&name)
+                }
+                (11, 2) => {
+                    let input =
+                        ValueInfoProto::decode(field(f)).map_err(|e| malformed(e.to_string()))?;
+                    if input.name == TEXT_INPUT {
+                        text_input = Some(field(f));
+                    }
+                    true
+                }
+                _ => true,
+            };
+            if keep {
+                graph.extend_from_slice(&graph_bytes[f.whole.clone()]);
+            }
+        }
+        if node_index != node_count {
+            return Err(malformed(
+                "node count differs from the decoded graph".into(),
+            ));
+        }
+        for input in &self.declared {
+            wire::put_len(&mut graph, 11, input);
+        }
+        Ok(Rest {
+            graph,
+            text_input: text_input.ok_or_else(|| malformed("no text input".into()))?,
+            initializers,
+        })
+    }
+
+    /// The projections model's graph: the text input, its casts, the moved
+    /// nodes and their weights; the products are its outputs.
+    fn projections_graph(
+        &self,
+        graph_bytes: &[u8],
+        graph_fields: &[wire::Field],
+        rest: &Rest<'_>,
+    ) -> Vec<u8> {
+        let nodes: Vec<&[u8]> = graph_fields
+            .iter()
+            .filter(|f| f.number == 1 && f.wire == 2)
+            .map(|f| &graph_bytes[f.payload.clone()])
+            .collect();
+        let mut graph = Vec::new();
+        for &i in self.chain.iter().chain(&self.moved) {
+            wire::put_len(&mut graph, 1, nodes[i]);
+        }
+        wire::put_len(&mut graph, 2, b"text_projections");
+        for t in &rest.initializers {
+            wire::put_len(&mut graph, 5, t);
+        }
+        wire::put_len(&mut graph, 11, rest.text_input);
+        for output in &self.declared {
+            wire::put_len(&mut graph, 12, output);
+        }
+        graph
+    }
+}
+
+/// A tensor `name` of element type `elem_type`, shape unknown, as
+/// `ValueInfoProto` bytes.
+fn declaration(name: &str, elem_type: i32) -> Vec<u8> {
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type,
+                shape: None,
+            })),
+            denotation: String::new(),
+        }),
+        doc_string: String::new(),
+    }
+    .encode_to_vec()
 }
 
 /// The model's top-level fields and the payload of its (single) graph field.

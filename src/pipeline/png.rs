@@ -1,7 +1,6 @@
 //! Images out: PNG files whose text chunks carry the generation parameters,
 //! and `.npy` float arrays for exact comparisons.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
@@ -41,28 +40,6 @@ pub fn write_png(
         writer.write_image_data(&bytes).map_err(to_io)?;
         writer.finish().map_err(to_io)
     })
-}
-
-/// Reads the text chunks of a PNG back: Latin-1 ones, then UTF-8 ones.
-pub fn read_png_text(path: &Path) -> std::io::Result<Vec<(String, String)>> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(File::open(path)?));
-    let reader = decoder
-        .read_info()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let info = reader.info();
-    let mut out: Vec<(String, String)> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.text.clone()))
-        .collect();
-    for t in &info.utf8_text {
-        out.push((
-            t.keyword.clone(),
-            t.get_text()
-                .map_err(|e| std::io::Error::other(e.to_string()))?,
-        ));
-    }
-    Ok(out)
 }
 
 /// Writes a little-endian f32 `.npy` (format 1.0), C order.

@@ -2,18 +2,15 @@
 //! preprocessing of each image, then the checker model, which also blacks out
 //! the images it flags.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::{Array4, ArrayView4, Axis};
-use ort::session::Session;
 
 use super::clip_image::ClipImageConfig;
-use crate::runtime::tensors::float_array;
-use crate::runtime::{Runtime, SessionError, SessionOptions};
+use crate::runtime::{Runtime, Session, SessionError, SessionOptions};
 
 /// A loaded safety checker and its image preprocessing.
 pub struct SafetyChecker {
-    path: PathBuf,
     session: Session,
     preprocess: ClipImageConfig,
 }
@@ -31,17 +28,13 @@ impl SafetyChecker {
                 path: config.to_path_buf(),
                 why: e.why,
             })?;
-        let session = rt.session_with(model, opts)?;
+        let session = rt.open(model, opts)?;
         for name in ["clip_input", "images"] {
-            if !session.inputs().iter().any(|i| i.name() == name) {
-                return Err(SessionError::Interface {
-                    path: model.to_path_buf(),
-                    why: format!("the safety checker has no input {name:?}"),
-                });
+            if session.input(name).is_none() {
+                return Err(session.interface(format!("the safety checker has no input {name:?}")));
             }
         }
         Ok(Self {
-            path: model.to_path_buf(),
             session,
             preprocess,
         })
@@ -54,35 +47,27 @@ impl SafetyChecker {
         &mut self,
         images: ArrayView4<f32>,
     ) -> Result<(Array4<f32>, Vec<bool>), SessionError> {
-        let path = self.path.clone();
-        let err = |source: ort::Error| SessionError::Ort {
-            path: path.clone(),
-            source,
-        };
-        let bad = |why: String| SessionError::Interface {
-            path: path.clone(),
-            why,
-        };
         let mut out = images.to_owned();
         let mut flags = Vec::with_capacity(images.shape()[0]);
         for (i, image) in images.axis_iter(Axis(0)).enumerate() {
             let clip = self.preprocess.preprocess(image).insert_axis(Axis(0));
-            let inputs = ort::inputs![
-                "clip_input" => ort::value::Tensor::from_array(clip).map_err(err)?,
-                "images" => ort::value::Tensor::from_array(image.insert_axis(Axis(0)).to_owned()).map_err(err)?,
-            ];
-            let outputs = self.session.run(inputs).map_err(err)?;
-            let checked = float_array(&outputs["out_images"]).map_err(err)?;
-            let flag = outputs["has_nsfw_concepts"]
-                .try_extract_array::<bool>()
-                .map_err(err)?;
-            let flagged = *flag
+            let clip = self.session.f32_value(clip.into_dyn())?;
+            let pixels = self
+                .session
+                .f32_value(image.insert_axis(Axis(0)).to_owned().into_dyn())?;
+            let outputs = self
+                .session
+                .run(&[("clip_input", &clip), ("images", &pixels)])?;
+            let checked = outputs.float("out_images")?;
+            let flagged = *outputs
+                .bools("has_nsfw_concepts")?
                 .iter()
                 .next()
-                .ok_or_else(|| bad("empty has_nsfw_concepts".into()))?;
+                .ok_or_else(|| outputs.interface("empty has_nsfw_concepts"))?;
+            drop(outputs);
             let checked = checked
                 .into_shape_with_order(image.raw_dim())
-                .map_err(|e| bad(format!("out_images: {e}")))?;
+                .map_err(|e| self.session.interface(format!("out_images: {e}")))?;
             out.index_axis_mut(Axis(0), i).assign(&checked);
             flags.push(flagged);
         }

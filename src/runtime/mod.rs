@@ -1,25 +1,55 @@
-//! ONNX Runtime: loading the library, creating sessions, execution providers.
+//! ONNX Runtime: loading the library, choosing the device, opening sessions.
+//! The only module that knows `ort`; everything else sees [`Session`].
 
 pub mod library;
-pub mod tensors;
+mod session;
 
 pub use library::LoadError;
+pub use session::{Binding, ElementType, Outputs, Port, Session, Value};
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 /// A loaded ONNX Runtime and its environment; sessions are created from it.
-/// Cloning shares the environment.
+/// Cloning shares the environment and the device decision.
 #[derive(Clone)]
 pub struct Runtime {
     env: ort::environment::Environment,
     library: PathBuf,
+    /// Whether the CUDA provider starts, asked once: `Err` holds why not.
+    cuda: Arc<OnceLock<Result<(), String>>>,
+}
+
+/// Where a session runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when its provider starts, CPU otherwise.
+    #[default]
+    Auto,
+    /// CUDA or an error.
+    Cuda,
+    /// CPU only.
+    Cpu,
+}
+
+/// The device `Auto` became, and why not CUDA when it fell back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceChoice {
+    /// [`Device::Cpu`] or [`Device::Cuda`].
+    pub device: Device,
+    /// Why CUDA was not chosen for `Auto` (ONNX Runtime's message).
+    pub cuda_unavailable: Option<String>,
 }
 
 impl Runtime {
     /// Finds and loads the ONNX Runtime library (see [`library::candidates`]).
     pub fn load() -> Result<Self, LoadError> {
         let (env, library) = library::load()?;
-        Ok(Self { env, library })
+        Ok(Self {
+            env,
+            library,
+            cuda: Arc::default(),
+        })
     }
 
     /// The library file this runtime was loaded from.
@@ -32,21 +62,51 @@ impl Runtime {
         ort::info()
     }
 
-    /// The environment sessions are built from.
-    pub fn environment(&self) -> &ort::environment::Environment {
-        &self.env
+    /// Whether this build of ONNX Runtime has the CUDA provider at all.
+    pub fn cuda_in_build(&self) -> Result<bool, String> {
+        use ort::ep::ExecutionProvider;
+        ort::ep::CUDA::is_available().map_err(|e| e.to_string())
     }
-}
 
-impl Runtime {
-    /// Registers the CUDA execution provider on a throwaway session builder,
-    /// failing (rather than falling back to CPU as ort would) when it cannot start.
-    pub fn cuda_check(&self) -> Result<(), ort::Error> {
-        let builder = ort::session::Session::builder(&self.env)?;
-        builder
-            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-            .map_err(ort::Error::<()>::from)?;
-        Ok(())
+    /// Whether the CUDA provider starts here: registered on a throwaway
+    /// session builder with `error_on_failure` (ort would otherwise fall back
+    /// to CPU silently). Asked once per runtime.
+    pub fn cuda_check(&self) -> Result<(), String> {
+        self.cuda
+            .get_or_init(|| {
+                let builder =
+                    ort::session::Session::builder(&self.env).map_err(|e| e.to_string())?;
+                builder
+                    .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                    .map(drop)
+                    .map_err(|e| ort::Error::<()>::from(e).to_string())
+            })
+            .clone()
+    }
+
+    /// Decides `Auto` (once per runtime); `Cuda` and `Cpu` stay as asked.
+    pub fn choose_device(&self, requested: Device) -> DeviceChoice {
+        match requested {
+            Device::Auto => match self.cuda_check() {
+                Ok(()) => DeviceChoice {
+                    device: Device::Cuda,
+                    cuda_unavailable: None,
+                },
+                Err(why) => DeviceChoice {
+                    device: Device::Cpu,
+                    cuda_unavailable: Some(why),
+                },
+            },
+            other => DeviceChoice {
+                device: other,
+                cuda_unavailable: None,
+            },
+        }
+    }
+
+    /// Whether sessions built with `opts` run on the CPU.
+    pub fn on_cpu(&self, opts: SessionOptions) -> bool {
+        self.choose_device(opts.device).device == Device::Cpu
     }
 }
 
@@ -62,16 +122,27 @@ pub enum SessionError {
         #[source]
         source: ort::Error,
     },
-    /// `--device cuda` was asked for and the CUDA provider did not start.
-    #[error(
-        "{path}: the CUDA execution provider did not start (run `time-onnx doctor`, or use --device cpu)"
-    )]
+    /// CUDA was asked for and its execution provider did not start.
+    #[error("{path}: the CUDA execution provider did not start")]
     Cuda {
         /// The model file.
         path: PathBuf,
         /// ONNX Runtime's message.
         #[source]
         source: ort::Error,
+    },
+    /// The model uses ONNX Runtime contrib operators that only the CUDA
+    /// provider implements (ORT-optimized UNets: packed K/V attention,
+    /// NhwcConv, GroupNorm).
+    #[error(
+        "{path}: this UNet was optimized by ONNX Runtime's transformer optimizer for GPUs and uses \
+         operators the CPU provider lacks ({refusal})"
+    )]
+    GpuOnlyOperators {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's refusal (quoted, not a source: the message is whole).
+        refusal: ort::Error,
     },
     /// The model's inputs or outputs are not what its role needs.
     #[error("{path}: {why}")]
@@ -81,18 +152,6 @@ pub enum SessionError {
         /// What does not fit.
         why: String,
     },
-}
-
-/// Where models run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Device {
-    /// CUDA when its provider starts, CPU otherwise (with a warning saying why).
-    #[default]
-    Auto,
-    /// CUDA or an error.
-    Cuda,
-    /// CPU only.
-    Cpu,
 }
 
 /// How much ONNX Runtime rewrites a graph when it loads it.
@@ -121,53 +180,40 @@ pub struct SessionOptions {
 }
 
 impl Runtime {
-    /// Opens a session for `path` on the CPU provider with default options.
-    pub fn session(&self, path: &Path) -> Result<ort::session::Session, SessionError> {
-        self.session_with(
-            path,
-            SessionOptions {
-                device: Device::Cpu,
-                ..SessionOptions::default()
-            },
-        )
-    }
-
-    /// Opens a session for `path` as `opts` say.
-    pub fn session_with(
-        &self,
-        path: &Path,
-        opts: SessionOptions,
-    ) -> Result<ort::session::Session, SessionError> {
-        self.builder(path, opts)?
+    /// Opens a session for the model file `path` as `opts` say.
+    pub fn open(&self, path: &Path, opts: SessionOptions) -> Result<Session, SessionError> {
+        let inner = self
+            .builder(path, opts)?
             .commit_from_file(path)
-            .map_err(|source| ort_error(path, source))
+            .map_err(|source| ort_error(path, source))?;
+        Ok(Session::new(path, inner))
     }
 
     /// Opens a session for a model held in memory, `bytes`, derived from the
     /// file `path`: its external data is read from `path`'s folder, and errors
     /// name `path`.
-    pub fn session_from_bytes(
+    pub fn open_bytes(
         &self,
         path: &Path,
         bytes: &[u8],
         opts: SessionOptions,
-    ) -> Result<ort::session::Session, SessionError> {
+    ) -> Result<Session, SessionError> {
         let folder = crate::staged::folder_of(path);
-        self.builder(path, opts)?
+        let inner = self
+            .builder(path, opts)?
             .with_config_entry(
                 "session.model_external_initializers_file_folder_path",
                 folder.to_string_lossy(),
             )
             .map_err(|e| ort_error(path, e.into()))?
             .commit_from_memory(bytes)
-            .map_err(|source| ort_error(path, source))
+            .map_err(|source| ort_error(path, source))?;
+        Ok(Session::new(path, inner))
     }
 
-    /// A session builder configured as `opts` say.
-    ///
-    /// ort falls back to CPU silently when a provider fails to register; we
-    /// register CUDA with `error_on_failure` and decide ourselves, so `--device
-    /// cuda` fails loudly and `auto` says why it fell back.
+    /// A session builder configured as `opts` say. CUDA is registered with
+    /// `error_on_failure`, so asking for it fails loudly instead of running
+    /// on the CPU behind the user's back.
     fn builder(
         &self,
         path: &Path,
@@ -185,24 +231,15 @@ impl Runtime {
         builder = builder
             .with_optimization_level(level)
             .map_err(|e| err(e.into()))?;
-        if opts.device != Device::Cpu {
+        if self.choose_device(opts.device).device == Device::Cuda {
             let cuda = ort::ep::CUDA::default().build().error_on_failure();
-            match builder.with_execution_providers([cuda]) {
-                Ok(b) => {
-                    tracing::info!(model = %path.display(), "running on CUDA");
-                    builder = b;
-                }
-                Err(e) if opts.device == Device::Auto => {
-                    tracing::warn!("CUDA unavailable, running on CPU: {e}");
-                    builder = e.recover();
-                }
-                Err(e) => {
-                    return Err(SessionError::Cuda {
-                        path: path.to_path_buf(),
-                        source: e.into(),
-                    });
-                }
-            }
+            builder = builder
+                .with_execution_providers([cuda])
+                .map_err(|e| SessionError::Cuda {
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                })?;
+            tracing::info!(model = %path.display(), "running on CUDA");
         }
         Ok(builder)
     }

@@ -1,27 +1,31 @@
 //! The edit journey: prompts → tokens → embeddings → operator A → patched
 //! K/V bytes in a copy of the UNet file.
+//!
+//! Read top to bottom in [`run_with_progress`]: the cheap checks first, then
+//! the UNet's cross-attention weights located, the prompts tokenized and
+//! aligned, the copy of the UNet's bulk started in the background, the text
+//! encoder run and the solve, the operator file, every weight edited, the
+//! output written.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array3, Axis, s};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::edit::operator_file::{self, OperatorFileError, OperatorMeta};
-use crate::edit::{self, ArticleRule, EditError, Operator};
+use crate::edit::record::{self, EditRecord, previous_records};
+use crate::edit::weights_file::{self, WeightsFileError};
+use crate::edit::{self, ArticleRule, EditError, Operator, Targets, WeightError, weights};
 use crate::onnx::cross_attention::{self, LocateError, Projection, Role};
 use crate::onnx::fingerprint::weights_fingerprint;
+use crate::onnx::module_paths::{UnetLayout, fill_module_paths};
 use crate::onnx::patch::{self, TensorPatch, WriteError, Written};
 use crate::onnx::{Model, OnnxError};
 use crate::runtime::{Device, LoadError, Runtime, SessionError, SessionOptions};
 use crate::text::encoder::TextEncoder;
 use crate::text::{ClipTokenizer, TextError};
-use crate::unet::names::{UnetLayout, fill_module_paths};
-use crate::unet::weights::{self, Targets, WeightError};
-
-/// Prefix of the `metadata_props` keys that record edits, numbered from 1.
-pub const RECORD_KEY: &str = "time_onnx.edit.";
 
 /// What to edit and how.
 #[derive(Clone, Debug)]
@@ -77,23 +81,6 @@ impl EditRequest {
             save_operator: None,
         }
     }
-}
-
-/// The record appended to the model's metadata, one per edit.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EditRecord {
-    /// Source prompt.
-    pub source: String,
-    /// Destination prompt.
-    pub destination: String,
-    /// λ.
-    pub lambda: f64,
-    /// Whether keys were edited along with values.
-    pub keys: bool,
-    /// The augmentation prefixes used.
-    pub augmentations: Vec<String>,
-    /// "time-onnx <version>".
-    pub tool: String,
 }
 
 /// One weight's outcome.
@@ -165,26 +152,19 @@ pub enum EditJobError {
     },
     /// Values-only edits change V but not K: no map of the embeddings does that.
     #[error(
-        "--save-operator cannot represent a values-only edit: an operator changes the text embeddings, which \
-         reach keys and values alike; drop --values-only or write an edited UNet instead"
+        "an operator cannot represent a values-only edit: it changes the text embeddings, which \
+         reach keys and values alike"
     )]
     ValuesOnlyOperator,
     /// The operator file could not be written.
     #[error(transparent)]
     OperatorFile(#[from] OperatorFileError),
     /// `--save-weights` could not be written.
-    #[error("cannot write the weights file {path}: {why}")]
-    SaveWeights {
-        /// The file.
-        path: PathBuf,
-        /// What failed.
-        why: String,
-    },
-}
-
-/// Runs an edit.
-pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
-    run_with_progress(req, &mut |_| {})
+    #[error(transparent)]
+    WeightsFile(#[from] WeightsFileError),
+    /// The edit record could not be serialised.
+    #[error("cannot serialise the edit record: {0}")]
+    Record(#[source] serde_json::Error),
 }
 
 /// What [`run_with_progress`] reports as it goes.
@@ -196,18 +176,101 @@ pub enum Progress {
     Copy(u64, u64),
 }
 
+/// Runs an edit.
+pub fn run(req: &EditRequest) -> Result<EditReport, EditJobError> {
+    run_with_progress(req, &mut |_| {})
+}
+
 /// [`run`], telling `progress` about the slow stages.
 pub fn run_with_progress(
     req: &EditRequest,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<EditReport, EditJobError> {
-    let mut timings = Vec::new();
-    let mut clock = Instant::now();
-    let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
-        timings.push((name, clock.elapsed()));
-        clock = Instant::now();
+    let mut clock = Clock::start();
+    check(req)?;
+    let unet = match &req.unet {
+        Some(path) => Some(open_unet(path, req.output.as_deref())?),
+        None => None,
     };
-    // Validate cheap things first: prompts, λ, the operator request, the UNet and its cross-attention.
+    let previous = unet
+        .as_ref()
+        .map(|(m, _)| previous_records(m))
+        .unwrap_or_default();
+    clock.lap("read UNet");
+
+    let text = prepare_text(req)?;
+    clock.lap("tokenize");
+    // The prompts align: the edit will happen, so start copying the UNet's
+    // bulk now, behind the text encoder and the solve.
+    let copying = match (&unet, &req.output) {
+        (Some((model, _)), Some(out)) => Some(patch::Copying::start(model, out)?),
+        _ => None,
+    };
+    progress(Progress::TextEncoder);
+    let emb = embed(req, &text, copying.is_some())?;
+    clock.lap("text encoder");
+    let n = text.pairs.len();
+    let operator = edit::solve(
+        emb.slice(s![..n, .., ..]),
+        emb.slice(s![n.., .., ..]),
+        &text.maps,
+        req.lambda,
+    )?;
+    let unchanged = text.pairs.iter().all(|(s, d)| s == d);
+    clock.lap("solve");
+    let record = EditRecord {
+        source: req.source.clone(),
+        destination: req.destination.clone(),
+        lambda: req.lambda,
+        keys: req.targets == Targets::KeysAndValues,
+        augmentations: req.augmentations.clone(),
+        tool: record::tool(),
+    };
+    if let Some(path) = &req.save_operator {
+        save_operator(req, &operator, &record, path)?;
+        clock.lap("save operator");
+    }
+
+    let mut layers = Vec::new();
+    let mut written = None;
+    if let Some((model, projections)) = &unet {
+        let edited = edit_weights(model, projections, &operator, req, unchanged)?;
+        layers = edited.layers;
+        clock.lap("apply");
+        if let Some(copying) = copying {
+            let meta = if unchanged {
+                Vec::new()
+            } else {
+                vec![
+                    record
+                        .metadata_entry(previous.len() + 1)
+                        .map_err(EditJobError::Record)?,
+                ]
+            };
+            written = Some(
+                copying.finish(model, &edited.patches, &meta, &mut |done, total| {
+                    progress(Progress::Copy(done, total))
+                })?,
+            );
+            clock.lap("write");
+        }
+        if let Some(path) = &req.save_weights {
+            weights_file::save(path, &edited.torch, &record)?;
+        }
+    }
+    Ok(EditReport {
+        layers,
+        record,
+        previous,
+        written,
+        operator,
+        unchanged,
+        timings: clock.laps,
+    })
+}
+
+/// The checks that need no file: prompts, λ, what the outputs can hold.
+fn check(req: &EditRequest) -> Result<(), EditJobError> {
     for (which, text) in [("source", &req.source), ("destination", &req.destination)] {
         if text.trim().is_empty() {
             return Err(EditError::EmptyPrompt { which }.into());
@@ -219,118 +282,34 @@ pub fn run_with_progress(
     if req.save_operator.is_some() && req.targets == Targets::ValuesOnly {
         return Err(EditJobError::ValuesOnlyOperator);
     }
-    let unet = match &req.unet {
-        Some(path) => {
-            let model = Model::open(path)?;
-            if let Some(out) = &req.output {
-                patch::check_output(&model, out)?;
-            }
-            let mut projections = cross_attention::locate(&model)?;
-            name_from_config(path, &mut projections);
-            Some((model, projections))
-        }
-        None => None,
-    };
-    let previous = unet
-        .as_ref()
-        .map(|(m, _)| previous_records(m))
-        .unwrap_or_default();
-    lap("read UNet", &mut timings);
+    Ok(())
+}
 
-    let text = prepare_text(req)?;
-    lap("tokenize", &mut timings);
-    // The prompts align: the edit will happen, so start copying the UNet's
-    // bulk now, behind the text encoder and the solve.
-    let copying = match (&unet, &req.output) {
-        (Some((model, _)), Some(out)) => Some(patch::Copying::start(model, out)?),
-        _ => None,
-    };
-    let (operator, unchanged) = embed_and_solve(
-        req,
-        &text,
-        copying.is_some(),
-        &mut |name| lap(name, &mut timings),
-        progress,
-    )?;
-    let record = EditRecord {
-        source: req.source.clone(),
-        destination: req.destination.clone(),
-        lambda: req.lambda,
-        keys: req.targets == Targets::KeysAndValues,
-        augmentations: req.augmentations.clone(),
-        tool: format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
-    };
-    if let Some(path) = &req.save_operator {
-        let te = Model::open(&req.text_encoder)?;
-        let meta = OperatorMeta {
-            source: req.source.clone(),
-            destination: req.destination.clone(),
-            lambda: req.lambda,
-            augmentations: req.augmentations.clone(),
-            tool: record.tool.clone(),
-            width: operator.dim(),
-            text_encoder: weights_fingerprint(&te)?,
-        };
-        operator_file::save(path, &operator, &meta)?;
-        lap("save operator", &mut timings);
+/// The UNet and its cross-attention K/V weights, with the output checked
+/// against it (never over the input, into a folder we can write).
+fn open_unet(path: &Path, output: Option<&Path>) -> Result<(Model, Vec<Projection>), EditJobError> {
+    let model = Model::open(path)?;
+    if let Some(out) = output {
+        patch::check_output(&model, out)?;
     }
+    let mut projections = cross_attention::locate(&model)?;
+    name_from_config(path, &mut projections);
+    Ok((model, projections))
+}
 
-    let mut layers = Vec::new();
-    let mut written = None;
-    if let Some((model, projections)) = &unet {
-        let mut patches = Vec::new();
-        let mut torch = BTreeMap::new();
-        let change = operator.change();
-        let change32 = change.map(|v| v as f32);
-        for p in projections {
-            let old = model.tensor_bytes(&p.tensor)?;
-            let edited = weights::apply(&change, &change32, p, &old, req.targets)?;
-            layers.push(LayerReport {
-                initializer: p.initializer.clone(),
-                module: p.module.clone(),
-                role: p.role,
-                relative_change: if unchanged {
-                    0.0
-                } else {
-                    edited.relative_change
-                },
-            });
-            if req.save_weights.is_some() {
-                torch_entries(p, &weights::torch_layout(p, &edited.bytes)?, &mut torch);
-            }
-            if !unchanged {
-                patches.push(TensorPatch {
-                    tensor: p.tensor.clone(),
-                    data: edited.bytes,
-                });
-            }
-        }
-        lap("apply", &mut timings);
-        if let Some(copying) = copying {
-            let meta = if unchanged {
-                Vec::new()
-            } else {
-                let value = serde_json::to_string(&record).unwrap_or_default();
-                vec![(format!("{RECORD_KEY}{}", previous.len() + 1), value)]
-            };
-            written = Some(copying.finish(model, &patches, &meta, &mut |done, total| {
-                progress(Progress::Copy(done, total))
-            })?);
-            lap("write", &mut timings);
-        }
-        if let Some(path) = &req.save_weights {
-            save_weights(path, &torch, &record)?;
-        }
+/// Names projections the export left anonymous (packed K/V) from the
+/// `config.json` beside the UNet, when there is one that fits.
+fn name_from_config(unet: &Path, projections: &mut [Projection]) {
+    let Some(config) = unet.parent().map(|d| d.join("config.json")) else {
+        return;
+    };
+    let modules = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| UnetLayout::from_json(&text))
+        .and_then(|layout| layout.cross_attention_modules());
+    if let Some(modules) = modules {
+        fill_module_paths(projections, &modules);
     }
-    Ok(EditReport {
-        layers,
-        record,
-        previous,
-        written,
-        operator,
-        unchanged,
-        timings,
-    })
 }
 
 /// The prompts as token ids (every source, then every destination) and the
@@ -361,131 +340,122 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     Ok(Tokens { pairs, maps, ids })
 }
 
-/// Embed every prompt in one text-encoder run and solve. Returns the
-/// operator and whether source and destination are the same.
+/// Every prompt through the text encoder in one run: `[2·pairs, 77, d] f32`,
+/// sources first, checked finite.
 ///
 /// `beside_copy`: a copy is running in the background and keeps one core
 /// busy. The text encoder then runs on one thread: with two, ONNX Runtime's
 /// worker spins against the copy for the one free core, which slowed both
 /// (measured on the full-size model: the edit took 1.5–1.6 s this way, up to
 /// 2.4 s with two threads).
-fn embed_and_solve(
-    req: &EditRequest,
-    text: &Tokens,
-    beside_copy: bool,
-    lap: &mut dyn FnMut(&'static str),
-    progress: &mut dyn FnMut(Progress),
-) -> Result<(Operator, bool), EditJobError> {
-    let Tokens { pairs, maps, ids } = text;
-    progress(Progress::TextEncoder);
+fn embed(req: &EditRequest, text: &Tokens, beside_copy: bool) -> Result<Array3<f32>, EditJobError> {
     let rt = Runtime::load()?;
     let opts = SessionOptions {
         device: Device::Cpu,
         threads: beside_copy.then_some(1),
         ..SessionOptions::default()
     };
-    let mut encoder = TextEncoder::open_with(&rt, &req.text_encoder, opts)?;
-    let emb: Array3<f32> = encoder.embed(ids)?;
-    // Free the session (and its spinning thread pool) before the BLAS work.
-    drop(encoder);
-    let n = pairs.len();
+    // The session (and its spinning thread pool) is freed before the BLAS work.
+    let emb = TextEncoder::open(&rt, &req.text_encoder, opts)?.embed(&text.ids)?;
+    let n = text.pairs.len();
     for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
         if row.iter().any(|v| !v.is_finite()) {
-            let prompt = if k < n { &pairs[k].0 } else { &pairs[k - n].1 };
+            let prompt = if k < n {
+                &text.pairs[k].0
+            } else {
+                &text.pairs[k - n].1
+            };
             return Err(EditJobError::NonFiniteEmbedding {
                 prompt: prompt.clone(),
             });
         }
     }
-    lap("text encoder");
-    let operator = edit::solve(
-        emb.slice(s![..n, .., ..]),
-        emb.slice(s![n.., .., ..]),
-        maps,
-        req.lambda,
-    )?;
-    lap("solve");
-    Ok((operator, pairs.iter().all(|(s, d)| s == d)))
+    Ok(emb)
 }
 
-/// Names projections the export left anonymous (packed K/V) from the
-/// `config.json` beside the UNet, when there is one that fits.
-fn name_from_config(unet: &Path, projections: &mut [Projection]) {
-    let Some(config) = unet.parent().map(|d| d.join("config.json")) else {
-        return;
-    };
-    let modules = std::fs::read_to_string(config)
-        .ok()
-        .and_then(|text| UnetLayout::from_json(&text))
-        .and_then(|layout| layout.cross_attention_modules());
-    if let Some(modules) = modules {
-        fill_module_paths(projections, &modules);
-    }
-}
-
-/// Edits already recorded in a model, oldest first.
-pub fn previous_records(model: &Model) -> Vec<EditRecord> {
-    let mut numbered: Vec<(u64, EditRecord)> = model
-        .proto()
-        .metadata_props
-        .iter()
-        .filter_map(|e| {
-            let n = e.key.strip_prefix(RECORD_KEY)?.parse().ok()?;
-            Some((n, serde_json::from_str(&e.value).ok()?))
-        })
-        .collect();
-    numbered.sort_by_key(|(n, _)| *n);
-    numbered.into_iter().map(|(_, r)| r).collect()
-}
-
-/// Keys for `--save-weights`: the diffusers parameter name where the module
-/// path is known, the initializer name otherwise.
-fn torch_entries(
-    p: &Projection,
-    w: &ndarray::Array2<f32>,
-    out: &mut BTreeMap<String, ndarray::Array2<f32>>,
-) {
-    match p.role {
-        Role::PackedKeyValue { heads } => {
-            let (k, v) = weights::split_packed(w, heads);
-            let base = p.module.clone().unwrap_or_else(|| p.initializer.clone());
-            out.insert(format!("{base}.to_k.weight"), k);
-            out.insert(format!("{base}.to_v.weight"), v);
-        }
-        _ => {
-            let base = p.module.clone().unwrap_or_else(|| p.initializer.clone());
-            out.insert(format!("{base}.weight"), w.clone());
-        }
-    }
-}
-
-fn save_weights(
-    path: &Path,
-    tensors: &BTreeMap<String, ndarray::Array2<f32>>,
+/// Writes the operator file, with the text encoder's fingerprint.
+fn save_operator(
+    req: &EditRequest,
+    operator: &Operator,
     record: &EditRecord,
+    path: &Path,
 ) -> Result<(), EditJobError> {
-    let err = |why: String| EditJobError::SaveWeights {
-        path: path.to_path_buf(),
-        why,
+    let meta = OperatorMeta {
+        source: req.source.clone(),
+        destination: req.destination.clone(),
+        lambda: req.lambda,
+        augmentations: req.augmentations.clone(),
+        tool: record.tool.clone(),
+        width: operator.dim(),
+        text_encoder: weights_fingerprint(&Model::open(&req.text_encoder)?)?,
     };
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, v)| {
-            let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (k.clone(), v.shape().to_vec(), data)
-        })
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(k, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| err(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta = std::collections::HashMap::from([(
-        "time_onnx.edit".to_string(),
-        serde_json::to_string(record).unwrap_or_default(),
-    )]);
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| err(e.to_string()))
+    Ok(operator_file::save(path, operator, &meta)?)
+}
+
+/// Every K/V weight edited: the patches for the output, a report per
+/// weight, and the torch-layout weights when `--save-weights` asks for them.
+struct EditedWeights {
+    patches: Vec<TensorPatch>,
+    layers: Vec<LayerReport>,
+    torch: BTreeMap<String, ndarray::Array2<f32>>,
+}
+
+fn edit_weights(
+    model: &Model,
+    projections: &[Projection],
+    operator: &Operator,
+    req: &EditRequest,
+    unchanged: bool,
+) -> Result<EditedWeights, EditJobError> {
+    let change = operator.change();
+    let change32 = change.map(|v| v as f32);
+    let mut out = EditedWeights {
+        patches: Vec::new(),
+        layers: Vec::new(),
+        torch: BTreeMap::new(),
+    };
+    for p in projections {
+        let old = model.tensor_bytes(&p.tensor)?;
+        let edited = weights::apply(&change, &change32, p, &old, req.targets)?;
+        out.layers.push(LayerReport {
+            initializer: p.initializer.clone(),
+            module: p.module.clone(),
+            role: p.role,
+            relative_change: if unchanged {
+                0.0
+            } else {
+                edited.relative_change
+            },
+        });
+        if req.save_weights.is_some() {
+            weights::add_torch_entries(p, &edited.bytes, &mut out.torch)?;
+        }
+        if !unchanged {
+            out.patches.push(TensorPatch {
+                tensor: p.tensor.clone(),
+                data: edited.bytes,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Stage timings: the time since the previous lap, by name.
+struct Clock {
+    since: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            since: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        self.laps.push((name, self.since.elapsed()));
+        self.since = Instant::now();
+    }
 }

@@ -13,9 +13,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array3, Array4, Axis, concatenate};
+use ndarray::{Array3, Array4, ArrayD, Axis, concatenate};
 use serde::{Deserialize, Serialize};
 
+use crate::edit::Operator;
+use crate::edit::record;
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
 use crate::pipeline::png;
 use crate::pipeline::rng::Rng;
@@ -161,9 +163,47 @@ pub enum EvalJobError {
     /// ONNX Runtime could not be loaded.
     #[error(transparent)]
     Runtime(#[from] LoadError),
-    /// Bad settings or a report that does not fit them.
-    #[error("{0}")]
-    Invalid(String),
+    /// No seeds, no steps or an empty batch.
+    #[error("the seed count, the step count and the batch size must be at least 1")]
+    NothingToDo,
+    /// A row range that is empty or leaves the dataset.
+    #[error("rows {}..{} are outside the dataset's 0..{rows}", .range.start, .range.end)]
+    Rows {
+        /// The range asked for.
+        range: Range<usize>,
+        /// The dataset's row count.
+        rows: usize,
+    },
+    /// A report exists where a new one would go.
+    #[error("{} exists", .0.display())]
+    ReportExists(PathBuf),
+    /// The report to continue was made with other settings.
+    #[error("{} was made with other settings ({settings:?})", .path.display())]
+    OtherSettings {
+        /// Its `results.json`.
+        path: PathBuf,
+        /// The settings it records.
+        settings: Box<Settings>,
+    },
+    /// A `results.json` that does not parse.
+    #[error("{}: {source}", .path.display())]
+    BadReport {
+        /// The file.
+        path: PathBuf,
+        /// What serde saw.
+        source: serde_json::Error,
+    },
+    /// The report could not be serialised.
+    #[error("cannot serialise the report: {0}")]
+    Serialise(#[source] serde_json::Error),
+    /// An array operation on the images failed.
+    #[error("images of {prompt:?}: {why}")]
+    Images {
+        /// The prompt.
+        prompt: String,
+        /// ndarray's report.
+        why: String,
+    },
     /// Writing the report.
     #[error("{path}: {source}")]
     Io {
@@ -181,33 +221,17 @@ pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 /// PNG per row into `req.output` after every row.
 pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError> {
     if req.seeds == 0 || req.steps == 0 || req.batch == 0 {
-        return Err(EvalJobError::Invalid(
-            "--seeds, --steps and --batch must be at least 1".into(),
-        ));
+        return Err(EvalJobError::NothingToDo);
     }
     let rows = eval::dataset::read(&req.dataset)?;
     let range = req.rows.clone().unwrap_or(0..rows.len());
     if range.start >= range.end || range.end > rows.len() {
-        return Err(EvalJobError::Invalid(format!(
-            "rows {}..{} are outside the dataset's 0..{}",
-            range.start,
-            range.end,
-            rows.len()
-        )));
+        return Err(EvalJobError::Rows {
+            range,
+            rows: rows.len(),
+        });
     }
-    let settings = Settings {
-        model: req.model.display().to_string(),
-        dataset: req.dataset.display().to_string(),
-        seeds: req.seeds,
-        steps: req.steps,
-        guidance: req.guidance,
-        lambda: req.lambda,
-        scheduler: req.scheduler.to_string(),
-        classifier: req.classifier.to_string(),
-        tool: format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
-    };
-    let results = req.output.join("results.json");
-    let mut report = previous_report(&results, &settings, req.resume)?;
+    let mut report = previous_report(&req.output.join("results.json"), req)?;
     if !req.output.is_dir() {
         std::fs::create_dir_all(&req.output).map_err(|source| EvalJobError::Io {
             path: req.output.clone(),
@@ -216,17 +240,13 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     }
 
     let rt = Runtime::load()?;
-    let mut generator = Generator::open_with_safety(&rt, &req.model, None, req.session, true)?;
+    let mut generator =
+        Generator::open(&rt, &req.model, None, req.session)?.without_safety_checker();
     let mut classifier = Classifier::open(&req.classifier, &rt, &req.model, req.session)?;
     let (height, width) = generator.default_size();
     let f = generator.model.vae_factor;
-    let latents: Vec<Array4<f32>> = (0..req.seeds as u64)
-        .map(|s| {
-            Rng::new(s)
-                .randn(&[1, 4, height / f, width / f])
-                .into_dimensionality()
-                .expect("rank 4")
-        })
+    let latents: Vec<ArrayD<f32>> = (0..req.seeds as u64)
+        .map(|s| Rng::new(s).randn(&[1, 4, height / f, width / f]))
         .collect();
     let params = Params {
         steps: req.steps,
@@ -246,53 +266,30 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     let per_row = |r: &Row| 3 * (1 + r.positives.len() + r.negatives.len());
     let total: usize = todo.iter().map(|&i| per_row(&rows[i])).sum();
     let mut done = 0;
+    let mut scorer = RowScorer {
+        generator: &mut generator,
+        classifier: &mut classifier,
+        params: &params,
+        latents: &latents,
+        batch: req.batch,
+    };
     for i in todo {
         let row = &rows[i];
         let start = Instant::now();
         let operator = edit_flow::run(&EditRequest {
             lambda: req.lambda,
             ..EditRequest::new(
-                generator.model.text_encoder.clone(),
-                generator.model.tokenizer.clone(),
+                scorer.generator.model.text_encoder.clone(),
+                scorer.generator.model.tokenizer.clone(),
                 row.old.clone(),
                 row.new.clone(),
             )
         })?
         .operator;
-        let mut prompts = Vec::new();
-        let mut grid_images: Vec<(Variant, Vec<Array3<f32>>)> = Vec::new();
-        let cases = row_cases(row);
-        for variant in [Variant::Unedited, Variant::Edited, Variant::Oracle] {
-            generator.set_operator((variant == Variant::Edited).then_some(&operator));
-            for (set, original, destination) in &cases {
-                let prompt = match (variant, set) {
-                    (Variant::Oracle, Set::Source | Set::Positive) => destination,
-                    _ => original,
-                };
-                let images = generate(&mut generator, prompt, &params, &latents, req.batch)?;
-                let picks = classifier.judge(images.view(), original, destination)?;
-                if variant != Variant::Oracle {
-                    let keep = images.shape()[0].min(4);
-                    grid_images.push((
-                        variant,
-                        images
-                            .axis_iter(Axis(0))
-                            .take(keep)
-                            .map(|v| v.to_owned())
-                            .collect(),
-                    ));
-                }
-                prompts.push(PromptResult {
-                    variant,
-                    set: *set,
-                    prompt: prompt.clone(),
-                    candidates: [original.clone(), destination.clone()],
-                    picks,
-                });
-                done += 1;
-                progress(done, total);
-            }
-        }
+        let (prompts, grid_images) = scorer.score_row(row, &operator, &mut |n| {
+            done += n;
+            progress(done, total);
+        })?;
         let scores = [Variant::Unedited, Variant::Edited, Variant::Oracle]
             .into_iter()
             .map(|v| (variant_name(v).to_string(), score(&prompts, v)))
@@ -316,6 +313,91 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     Ok(report)
 }
 
+/// The sessions and settings that generate and judge one row's images.
+struct RowScorer<'a> {
+    generator: &'a mut Generator,
+    classifier: &'a mut Classifier,
+    params: &'a Params,
+    latents: &'a [ArrayD<f32>],
+    batch: usize,
+}
+
+/// The first images of each prompt, per variant, for a row's grid.
+type GridImages = Vec<(Variant, Vec<Array3<f32>>)>;
+
+impl RowScorer<'_> {
+    /// Every prompt of `row` on the unedited model, the model edited by
+    /// `operator`, and the oracle, judged; `progress(1)` after each prompt.
+    fn score_row(
+        &mut self,
+        row: &Row,
+        operator: &Operator,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(Vec<PromptResult>, GridImages), EvalJobError> {
+        let mut prompts = Vec::new();
+        let mut grid_images = Vec::new();
+        let cases = row_cases(row);
+        for variant in [Variant::Unedited, Variant::Edited, Variant::Oracle] {
+            self.generator
+                .set_operator((variant == Variant::Edited).then_some(operator));
+            for (set, original, destination) in &cases {
+                let prompt = match (variant, set) {
+                    (Variant::Oracle, Set::Source | Set::Positive) => destination,
+                    _ => original,
+                };
+                let images = self.generate(prompt)?;
+                let picks = self
+                    .classifier
+                    .judge(images.view(), original, destination)?;
+                if variant != Variant::Oracle {
+                    let keep = images.shape()[0].min(4);
+                    grid_images.push((
+                        variant,
+                        images
+                            .axis_iter(Axis(0))
+                            .take(keep)
+                            .map(|v| v.to_owned())
+                            .collect(),
+                    ));
+                }
+                prompts.push(PromptResult {
+                    variant,
+                    set: *set,
+                    prompt: prompt.clone(),
+                    candidates: [original.clone(), destination.clone()],
+                    picks,
+                });
+                progress(1);
+            }
+        }
+        Ok((prompts, grid_images))
+    }
+
+    /// Images `[seeds, h, w, 3]` for one prompt, seed k starting from the
+    /// latents `Rng::new(k)` draws for one image, so that they equal
+    /// `time-onnx generate --seed k`'s, and a script can draw the same.
+    fn generate(&mut self, prompt: &str) -> Result<Array4<f32>, EvalJobError> {
+        let shape_error = |e: ndarray::ShapeError| EvalJobError::Images {
+            prompt: prompt.to_string(),
+            why: e.to_string(),
+        };
+        let emb = self.generator.embed(prompt, &self.params.negative_prompt)?;
+        let mut parts = Vec::new();
+        for chunk in self.latents.chunks(self.batch) {
+            let views: Vec<_> = chunk.iter().map(|l| l.view()).collect();
+            let l = concatenate(Axis(0), &views).map_err(shape_error)?;
+            let p = Params {
+                num_images: chunk.len(),
+                latents: Some(l),
+                ..self.params.clone()
+            };
+            parts.push(self.generator.generate(&emb, &p, &mut |_, _| {})?.pixels);
+        }
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        concatenate(Axis(0), &views).map_err(shape_error)
+    }
+}
+
 /// The row's prompts: (set, original-style prompt, destination-style prompt).
 /// For negatives the oracle keeps the negative itself: an ideal edit leaves it alone.
 fn row_cases(row: &Row) -> Vec<(Set, String, String)> {
@@ -331,32 +413,6 @@ fn row_cases(row: &Row) -> Vec<(Set, String, String)> {
             .map(|(n, g)| (Set::Negative, n.clone(), g.clone())),
     );
     cases
-}
-
-/// Images `[seeds, h, w, 3]` for one prompt, seed k starting from the
-/// latents `Rng::new(k)` draws for one image, so that they equal
-/// `time-onnx generate --seed k`'s, and a script can draw the same.
-fn generate(
-    generator: &mut Generator,
-    prompt: &str,
-    params: &Params,
-    latents: &[Array4<f32>],
-    batch: usize,
-) -> Result<Array4<f32>, EvalJobError> {
-    let emb = generator.embed(prompt, &params.negative_prompt)?;
-    let mut parts = Vec::new();
-    for chunk in latents.chunks(batch) {
-        let views: Vec<_> = chunk.iter().map(|l| l.view()).collect();
-        let l = concatenate(Axis(0), &views).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
-        let p = Params {
-            num_images: chunk.len(),
-            latents: Some(l.into_dyn()),
-            ..params.clone()
-        };
-        parts.push(generator.generate_embedded(&emb, &p, &mut |_, _| {})?.0);
-    }
-    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    concatenate(Axis(0), &views).map_err(|e| EvalJobError::Invalid(e.to_string()))
 }
 
 fn variant_name(v: Variant) -> &'static str {
@@ -398,9 +454,25 @@ fn average(rows: &[RowResult]) -> BTreeMap<String, Scores> {
         .collect()
 }
 
-/// The report to continue: the existing one with `resume` (same settings
+/// The settings `req` records in its report.
+fn settings(req: &EvalRequest) -> Settings {
+    Settings {
+        model: req.model.display().to_string(),
+        dataset: req.dataset.display().to_string(),
+        seeds: req.seeds,
+        steps: req.steps,
+        guidance: req.guidance,
+        lambda: req.lambda,
+        scheduler: req.scheduler.to_string(),
+        classifier: req.classifier.to_string(),
+        tool: record::tool(),
+    }
+}
+
+/// The report to continue: the existing one with `--resume` (same settings
 /// required), a fresh one otherwise (refusing to overwrite results).
-fn previous_report(path: &Path, settings: &Settings, resume: bool) -> Result<Report, EvalJobError> {
+fn previous_report(path: &Path, req: &EvalRequest) -> Result<Report, EvalJobError> {
+    let settings = &settings(req);
     let fresh = Report {
         settings: settings.clone(),
         rows: Vec::new(),
@@ -409,36 +481,33 @@ fn previous_report(path: &Path, settings: &Settings, resume: bool) -> Result<Rep
     if !path.exists() {
         return Ok(fresh);
     }
-    if !resume {
-        return Err(EvalJobError::Invalid(format!(
-            "{} exists: pass --resume to continue it, or choose another output folder",
-            path.display()
-        )));
+    if !req.resume {
+        return Err(EvalJobError::ReportExists(path.to_path_buf()));
     }
     let text = std::fs::read_to_string(path).map_err(|source| EvalJobError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let old: Report = serde_json::from_str(&text)
-        .map_err(|e| EvalJobError::Invalid(format!("{}: {e}", path.display())))?;
+    let old: Report = serde_json::from_str(&text).map_err(|source| EvalJobError::BadReport {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let comparable = |s: &Settings| Settings {
         tool: String::new(),
         ..s.clone()
     };
     if comparable(&old.settings) != comparable(settings) {
-        return Err(EvalJobError::Invalid(format!(
-            "{} was made with other settings ({:?}); --resume needs the same",
-            path.display(),
-            old.settings
-        )));
+        return Err(EvalJobError::OtherSettings {
+            path: path.to_path_buf(),
+            settings: Box::new(old.settings),
+        });
     }
     Ok(old)
 }
 
 fn save(dir: &Path, report: &Report) -> Result<(), EvalJobError> {
     use std::io::Write;
-    let json =
-        serde_json::to_string_pretty(report).map_err(|e| EvalJobError::Invalid(e.to_string()))?;
+    let json = serde_json::to_string_pretty(report).map_err(EvalJobError::Serialise)?;
     for (name, text) in [("results.json", json), ("report.md", markdown(report))] {
         let path = dir.join(name);
         crate::staged::write_file(&path, |w| w.write_all(text.as_bytes()))

@@ -21,19 +21,17 @@
 //! T_last // (N + 1), where T_last excludes the timesteps whose λ lies below
 //! `lambda_min_clipped`.
 
-use ndarray::{ArrayD, ArrayViewD, Zip};
+use ndarray::{ArrayD, Zip};
 
+use super::plan::{Call, Plan, Rule, Scheduler, final_sigma_value};
 use super::schedule::{NoiseSchedule, TimestepSpacing, interp, np_arange, np_linspace};
 use super::{
-    Calls, DpmSettings, FinalSigmas, PredictionType, Scheduler, SchedulerError, SchedulerKind,
-    Settings, SolverType,
+    DpmSettings, FinalSigmas, PredictionType, SchedulerError, SchedulerKind, Settings, SolverType,
 };
 
-/// DPM-Solver++ state for one run.
+/// DPM-Solver++'s update and history; the plan holds the σ.
 #[derive(Debug)]
-pub struct DpmSolver {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
+pub(super) struct DpmSolver {
     prediction: PredictionType,
     dpm: DpmSettings,
     final_sigma_zero: bool,
@@ -41,7 +39,6 @@ pub struct DpmSolver {
     model_outputs: Vec<ArrayD<f32>>,
     /// How many updates have run, capped at `solver_order`.
     lower_order_nums: usize,
-    calls: Calls,
 }
 
 /// diffusers' DPM-Solver timesteps (integers, descending).
@@ -91,55 +88,59 @@ fn lambda(alpha: f64, sigma: f64) -> f64 {
     alpha.ln() - sigma.ln()
 }
 
+/// DPM-Solver++ for `steps` steps.
+pub(super) fn new(settings: &Settings, steps: usize) -> Result<Scheduler, SchedulerError> {
+    let schedule = NoiseSchedule::for_sigmas(settings)?;
+    let t_count = settings.num_train_timesteps;
+    let dpm = settings.dpm.clone();
+
+    // T_last: drop the timesteps whose λ (float32, as diffusers' lambda_t)
+    // is below lambda_min_clipped (searchsorted on λ ascending).
+    let clipped = schedule
+        .alphas_cumprod
+        .iter()
+        .rev()
+        .map(|&a| f64::from(a.sqrt().ln() - (1.0 - a).sqrt().ln()))
+        .take_while(|&l| l < dpm.lambda_min_clipped)
+        .count();
+    let last_timestep = t_count - clipped;
+
+    let timesteps = dpm_timesteps(
+        settings.timestep_spacing,
+        t_count,
+        last_timestep,
+        steps,
+        settings.steps_offset,
+    );
+    let table = schedule.train_sigmas();
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| f64::from(interp(t as f64, &table) as f32))
+        .collect();
+    sigmas.push(final_sigma_value(&table, settings.final_sigmas_type));
+    let plan = Plan {
+        timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+        sigmas: Some(sigmas),
+        init_noise_sigma: 1.0,
+        scales_input: false,
+    };
+    let rule = DpmSolver {
+        prediction: settings.prediction_type,
+        final_sigma_zero: settings.final_sigmas_type == FinalSigmas::Zero,
+        model_outputs: Vec::with_capacity(dpm.solver_order),
+        lower_order_nums: 0,
+        dpm,
+    };
+    Ok(Scheduler::new(
+        SchedulerKind::DpmSolverMultistep,
+        plan,
+        rule,
+    ))
+}
+
 impl DpmSolver {
-    /// DPM-Solver++ for `steps` steps.
-    pub fn new(settings: &Settings, steps: usize) -> Result<Self, SchedulerError> {
-        let schedule = NoiseSchedule::for_sigmas(settings)?;
-        let t_count = settings.num_train_timesteps;
-        let dpm = settings.dpm.clone();
-
-        // T_last: drop the timesteps whose λ (float32, as diffusers' lambda_t)
-        // is below lambda_min_clipped (searchsorted on λ ascending).
-        let clipped = schedule
-            .alphas_cumprod
-            .iter()
-            .rev()
-            .map(|&a| f64::from(a.sqrt().ln() - (1.0 - a).sqrt().ln()))
-            .take_while(|&l| l < dpm.lambda_min_clipped)
-            .count();
-        let last_timestep = t_count - clipped;
-
-        let timesteps = dpm_timesteps(
-            settings.timestep_spacing,
-            t_count,
-            last_timestep,
-            steps,
-            settings.steps_offset,
-        );
-        let table = schedule.train_sigmas();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| f64::from(interp(t as f64, &table) as f32))
-            .collect();
-        sigmas.push(match settings.final_sigmas_type {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => table.first().map_or(0.0, |&s| f64::from(s)),
-        });
-        Ok(Self {
-            calls: Calls::new(timesteps.len()),
-            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas,
-            prediction: settings.prediction_type,
-            final_sigma_zero: settings.final_sigmas_type == FinalSigmas::Zero,
-            model_outputs: Vec::with_capacity(dpm.solver_order),
-            lower_order_nums: 0,
-            dpm,
-        })
-    }
-
     /// The order diffusers uses for call `call`.
-    fn order_for(&self, call: usize) -> usize {
-        let n = self.timesteps.len();
+    fn order_for(&self, call: usize, n: usize) -> usize {
         let few = self.dpm.lower_order_final && n < 15;
         let last = call + 1 == n && (self.dpm.euler_at_final || few || self.final_sigma_zero);
         let second_last = call + 2 == n && few;
@@ -153,47 +154,28 @@ impl DpmSolver {
     }
 }
 
-impl Scheduler for DpmSolver {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::DpmSolverMultistep
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn FnMut(&[usize]) -> ArrayD<f32>,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.begin(call, &model_output, &sample)?;
-        let order = self.order_for(call);
+impl Rule for DpmSolver {
+    fn step(&mut self, plan: &Plan, call: Call<'_, '_>) -> Result<ArrayD<f32>, SchedulerError> {
+        let order = self.order_for(call.index, plan.timesteps.len());
 
         // convert_model_output: the x₀ prediction
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[call]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(plan.sigma(call.index));
         let (a, s) = (alpha_s0 as f32, sigma_s0 as f32);
         let m0 = match self.prediction {
-            PredictionType::Epsilon => Zip::from(&sample)
-                .and(&model_output)
+            PredictionType::Epsilon => Zip::from(&call.sample)
+                .and(&call.model_output)
                 .map_collect(|&x, &e| (x - s * e) / a),
-            PredictionType::VPrediction => Zip::from(&sample)
-                .and(&model_output)
+            PredictionType::VPrediction => Zip::from(&call.sample)
+                .and(&call.model_output)
                 .map_collect(|&x, &v| a * x - s * v),
-            PredictionType::Sample => model_output.to_owned(),
+            PredictionType::Sample => call.model_output.to_owned(),
         };
         if self.model_outputs.len() == self.dpm.solver_order {
             self.model_outputs.remove(0);
         }
         self.model_outputs.push(m0);
 
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[call + 1]);
+        let (alpha_t, sigma_t) = alpha_sigma(plan.sigma(call.index + 1));
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let h = lambda_t - lambda_s0;
@@ -203,14 +185,14 @@ impl Scheduler for DpmSolver {
         let outputs = self.model_outputs.as_slice();
         let prev = match (order, outputs) {
             (2, [.., m1, m0]) => {
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[call - 1]);
+                let (alpha_s1, sigma_s1) = alpha_sigma(plan.sigma(call.index - 1));
                 let r0 = (lambda_s0 - lambda(alpha_s1, sigma_s1)) / h;
                 let d1_coeff = match self.dpm.solver_type {
                     SolverType::Midpoint => -0.5 * alpha_t * em1,
                     SolverType::Heun => alpha_t * (em1 / h + 1.0),
                 } as f32;
                 let inv_r0 = (1.0 / r0) as f32;
-                Zip::from(&sample)
+                Zip::from(&call.sample)
                     .and(m0)
                     .and(m1)
                     .map_collect(|&x, &m0, &m1| {
@@ -218,8 +200,8 @@ impl Scheduler for DpmSolver {
                     })
             }
             (3, [.., m2, m1, m0]) => {
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[call - 1]);
-                let (alpha_s2, sigma_s2) = alpha_sigma(self.sigmas[call - 2]);
+                let (alpha_s1, sigma_s1) = alpha_sigma(plan.sigma(call.index - 1));
+                let (alpha_s2, sigma_s2) = alpha_sigma(plan.sigma(call.index - 2));
                 let lambda_s1 = lambda(alpha_s1, sigma_s1);
                 let lambda_s2 = lambda(alpha_s2, sigma_s2);
                 let (r0, r1) = ((lambda_s0 - lambda_s1) / h, (lambda_s1 - lambda_s2) / h);
@@ -227,7 +209,7 @@ impl Scheduler for DpmSolver {
                 let (w, inv_sum) = ((r0 / (r0 + r1)) as f32, (1.0 / (r0 + r1)) as f32);
                 let d1_coeff = (alpha_t * (em1 / h + 1.0)) as f32;
                 let d2_coeff = (-alpha_t * ((em1 + h) / (h * h) - 0.5)) as f32;
-                let mut prev = Zip::from(&sample)
+                let mut prev = Zip::from(&call.sample)
                     .and(m0)
                     .map_collect(|&x, &m0| x_coeff * x + d0_coeff * m0);
                 Zip::from(&mut prev)
@@ -243,15 +225,14 @@ impl Scheduler for DpmSolver {
                     });
                 prev
             }
-            (_, [.., m0]) => Zip::from(&sample)
+            (_, [.., m0]) => Zip::from(&call.sample)
                 .and(m0)
                 .map_collect(|&x, &m0| x_coeff * x + d0_coeff * m0),
-            (_, []) => sample.to_owned(),
+            (_, []) => call.sample.to_owned(),
         };
         if self.lower_order_nums < self.dpm.solver_order {
             self.lower_order_nums += 1;
         }
-        self.calls.finish();
         Ok(prev)
     }
 }

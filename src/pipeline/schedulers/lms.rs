@@ -7,44 +7,31 @@
 //! ≤ 3, so here it is expanded into monomials (in τ − σₜ, for conditioning)
 //! and integrated exactly.
 
-use ndarray::{ArrayD, ArrayViewD, Zip};
+use ndarray::{ArrayD, Zip};
 
-use super::euler::SigmaSchedule;
-use super::{
-    Calls, FinalSigmas, PredictionType, Scheduler, SchedulerError, SchedulerKind, Settings,
-    sigma_x0,
-};
+use super::plan::{Call, Plan, Rule, Scheduler, interpolated_sigmas, sigma_x0};
+use super::{FinalSigmas, PredictionType, SchedulerError, SchedulerKind, Settings};
 
 /// diffusers' default `order` argument of `LMSDiscreteScheduler.step`.
 const ORDER: usize = 4;
 
-/// LMS state for one run.
+/// LMS's update and history; the plan holds the σ.
 #[derive(Debug)]
-pub struct Lms {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    init_noise_sigma: f64,
+pub(super) struct Lms {
     prediction: PredictionType,
     /// dx/dσ of the last calls, oldest first (at most [`ORDER`]).
     derivatives: Vec<ArrayD<f32>>,
-    calls: Calls,
 }
 
-impl Lms {
-    /// LMS for `steps` steps (the class has no `final_sigmas_type`: the
-    /// last σ is 0).
-    pub fn new(settings: &Settings, steps: usize) -> Result<Self, SchedulerError> {
-        let plan = SigmaSchedule::interpolated(settings, steps, FinalSigmas::Zero)?;
-        let calls = Calls::new(plan.timesteps.len());
-        Ok(Self {
-            timesteps: plan.timesteps,
-            sigmas: plan.sigmas,
-            init_noise_sigma: plan.init_noise_sigma,
-            prediction: settings.prediction_type,
-            derivatives: Vec::with_capacity(ORDER),
-            calls,
-        })
-    }
+/// LMS for `steps` steps (the class has no `final_sigmas_type`: the last σ
+/// is 0).
+pub(super) fn new(settings: &Settings, steps: usize) -> Result<Scheduler, SchedulerError> {
+    let plan = interpolated_sigmas(settings, steps, FinalSigmas::Zero)?;
+    let rule = Lms {
+        prediction: settings.prediction_type,
+        derivatives: Vec::with_capacity(ORDER),
+    };
+    Ok(Scheduler::new(SchedulerKind::Lms, plan, rule))
 }
 
 /// ∫ from σ[t] to σ[t+1] of the Lagrange basis polynomial ℓⱼ through
@@ -70,39 +57,13 @@ pub(crate) fn lms_coefficient(sigmas: &[f64], order: usize, t: usize, j: usize) 
         .sum()
 }
 
-impl Scheduler for Lms {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Lms
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-
-    fn input_sigma(&self, call: usize) -> Option<f64> {
-        Some(self.sigmas[call])
-    }
-
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn FnMut(&[usize]) -> ArrayD<f32>,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.begin(call, &model_output, &sample)?;
-        let sigma = self.sigmas[call];
-        let x0 = sigma_x0(self.prediction, &model_output, &sample, sigma);
+impl Rule for Lms {
+    fn step(&mut self, plan: &Plan, call: Call<'_, '_>) -> Result<ArrayD<f32>, SchedulerError> {
+        let sigmas = plan.sigmas.as_deref().unwrap_or_default();
+        let sigma = plan.sigma(call.index);
+        let x0 = sigma_x0(self.prediction, &call.model_output, &call.sample, sigma);
         let s = sigma as f32;
-        let derivative = Zip::from(&sample)
+        let derivative = Zip::from(&call.sample)
             .and(&x0)
             .map_collect(|&x, &x0| (x - x0) / s);
         if self.derivatives.len() == ORDER {
@@ -110,16 +71,16 @@ impl Scheduler for Lms {
         }
         self.derivatives.push(derivative);
 
-        let order = (call + 1).min(ORDER);
+        let order = (call.index + 1).min(ORDER);
         // Σⱼ cⱼ·d₍t−j₎, summed in f32 in diffusers' order (j = 0 first)
-        let mut sum = ArrayD::<f32>::zeros(sample.shape());
+        let mut sum = ArrayD::<f32>::zeros(call.sample.shape());
         for (j, d) in self.derivatives.iter().rev().take(order).enumerate() {
-            let c = lms_coefficient(&self.sigmas, order, call, j) as f32;
+            let c = lms_coefficient(sigmas, order, call.index, j) as f32;
             Zip::from(&mut sum).and(d).for_each(|acc, &d| *acc += c * d);
         }
-        let prev = Zip::from(&sample).and(&sum).map_collect(|&x, &s| x + s);
-        self.calls.finish();
-        Ok(prev)
+        Ok(Zip::from(&call.sample)
+            .and(&sum)
+            .map_collect(|&x, &s| x + s))
     }
 }
 

@@ -16,13 +16,13 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
-use super::schedule::{NoiseSchedule, TimestepSpacing, spaced_timesteps};
-use super::{Calls, PredictionType, Scheduler, SchedulerError, SchedulerKind, Settings};
+use super::plan::{Call, Plan, Rule, Scheduler};
+use super::schedule::{NoiseSchedule, integer_timesteps};
+use super::{PredictionType, SchedulerError, SchedulerKind, Settings};
 
-/// PLMS state for one run.
+/// PLMS's update and history.
 #[derive(Debug)]
-pub struct Pndm {
-    timesteps: Vec<f64>,
+pub(super) struct Pndm {
     /// ᾱ at (t, t_prev) for each call, checked at build time.
     alphas: Vec<(f64, f64)>,
     prediction: PredictionType,
@@ -30,103 +30,58 @@ pub struct Pndm {
     ets: Vec<ArrayD<f32>>,
     /// x at call 0, reused by call 1.
     first_sample: Option<ArrayD<f32>>,
-    calls: Calls,
 }
 
-impl Pndm {
-    /// PLMS for `steps` steps (`steps + 1` calls when `steps` ≥ 2).
-    pub fn new(settings: &Settings, steps: usize) -> Result<Self, SchedulerError> {
-        let schedule = NoiseSchedule::for_alphas(settings)?;
-        let t_count = settings.num_train_timesteps;
-        // diffusers' PNDM keeps them ascending; same values as DDIM's.
-        let mut base: Vec<i64> = spaced_timesteps(
-            settings.timestep_spacing,
-            t_count,
-            steps,
-            settings.steps_offset,
-        )
-        .into_iter()
-        .map(|t| match settings.timestep_spacing {
-            TimestepSpacing::Linspace => t.round_ties_even() as i64,
-            TimestepSpacing::Leading | TimestepSpacing::Trailing => t as i64,
-        })
-        .collect();
-        base.reverse();
-        // plms = concat(ts[:-1], ts[-2:-1], ts[-1:]) reversed
-        let n = base.len();
-        let mut plms: Vec<i64> = base[..n - 1].to_vec();
-        if n >= 2 {
-            plms.push(base[n - 2]);
-        }
-        plms.push(base[n - 1]);
-        plms.reverse();
-
-        let delta = (t_count / steps) as i64;
-        let final_alpha = if settings.set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alpha_cumprod(0)?
-        };
-        let alphas = plms
-            .iter()
-            .enumerate()
-            .map(|(call, &t)| {
-                // call 1 steps from t + δ (where x₀ was) to t
-                let (t, prev) = if call == 1 {
-                    (t.saturating_add(delta), t)
-                } else {
-                    (t, t.saturating_sub(delta))
-                };
-                let a_t = schedule.alpha_cumprod(t)?;
-                let a_prev = if prev >= 0 {
-                    schedule.alpha_cumprod(prev)?
-                } else {
-                    final_alpha
-                };
-                Ok((a_t, a_prev))
-            })
-            .collect::<Result<Vec<_>, SchedulerError>>()?;
-        Ok(Self {
-            timesteps: plms.iter().map(|&t| t as f64).collect(),
-            alphas,
-            prediction: settings.prediction_type,
-            ets: Vec::with_capacity(4),
-            first_sample: None,
-            calls: Calls::new(plms.len()),
-        })
+/// PLMS for `steps` steps (`steps + 1` calls when `steps` ≥ 2).
+pub(super) fn new(settings: &Settings, steps: usize) -> Result<Scheduler, SchedulerError> {
+    let schedule = NoiseSchedule::for_alphas(settings)?;
+    // diffusers' PNDM keeps them ascending; same values as DDIM's.
+    let mut base = integer_timesteps(settings, steps);
+    base.reverse();
+    // plms = concat(ts[:-1], ts[-2:-1], ts[-1:]) reversed
+    let n = base.len();
+    let mut plms: Vec<i64> = base[..n - 1].to_vec();
+    if n >= 2 {
+        plms.push(base[n - 2]);
     }
+    plms.push(base[n - 1]);
+    plms.reverse();
+
+    let delta = (settings.num_train_timesteps / steps) as i64;
+    // call 1 steps from t + δ (where x₀ was) to t
+    let steps = plms.iter().enumerate().map(|(call, &t)| match call {
+        1 => (t.saturating_add(delta), t),
+        _ => (t, t.saturating_sub(delta)),
+    });
+    let alphas = schedule.alpha_pairs(settings, steps)?;
+    let rule = Pndm {
+        alphas,
+        prediction: settings.prediction_type,
+        ets: Vec::with_capacity(4),
+        first_sample: None,
+    };
+    Ok(Scheduler::new(
+        SchedulerKind::Pndm,
+        Plan::on_alphas(&plms),
+        rule,
+    ))
 }
 
-impl Scheduler for Pndm {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Pndm
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn FnMut(&[usize]) -> ArrayD<f32>,
-    ) -> Result<ArrayD<f32>, SchedulerError> {
-        self.calls.begin(call, &model_output, &sample)?;
-        let (a_t, a_prev) = self.alphas[call];
-        let output = model_output.to_owned();
-        if call != 1 {
+impl Rule for Pndm {
+    fn step(&mut self, _plan: &Plan, call: Call<'_, '_>) -> Result<ArrayD<f32>, SchedulerError> {
+        let (a_t, a_prev) = self.alphas[call.index];
+        let output = call.model_output.to_owned();
+        if call.index != 1 {
             if self.ets.len() == 4 {
                 self.ets.remove(0);
             }
             self.ets.push(output.clone());
         }
-        let x = match (call, &self.first_sample) {
+        let x = match (call.index, &self.first_sample) {
             (1, Some(x0)) => x0.view(),
-            _ => sample.view(),
+            _ => call.sample.view(),
         };
-        let eps = match (call, self.ets.as_slice()) {
+        let eps = match (call.index, self.ets.as_slice()) {
             (0, _) => output,
             (1, [.., e0]) => Zip::from(&output)
                 .and(e0)
@@ -151,12 +106,11 @@ impl Scheduler for Pndm {
             _ => output,
         };
         let out = prev_sample(self.prediction, x, eps.view(), a_t, a_prev);
-        if call == 0 {
-            self.first_sample = Some(sample.to_owned());
-        } else if call == 1 {
+        if call.index == 0 {
+            self.first_sample = Some(call.sample.to_owned());
+        } else if call.index == 1 {
             self.first_sample = None;
         }
-        self.calls.finish();
         Ok(out)
     }
 }

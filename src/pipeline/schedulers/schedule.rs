@@ -333,6 +333,48 @@ pub fn spaced_timesteps(
     }
 }
 
+/// The integer timesteps of PNDM and DDIM in call order (descending): the
+/// spacing's values, `linspace`'s rounded half to even.
+pub fn integer_timesteps(settings: &Settings, steps: usize) -> Vec<i64> {
+    spaced_timesteps(
+        settings.timestep_spacing,
+        settings.num_train_timesteps,
+        steps,
+        settings.steps_offset,
+    )
+    .into_iter()
+    .map(|t| match settings.timestep_spacing {
+        TimestepSpacing::Linspace => t.round_ties_even() as i64,
+        TimestepSpacing::Leading | TimestepSpacing::Trailing => t as i64,
+    })
+    .collect()
+}
+
+impl NoiseSchedule {
+    /// (ᾱ at `t`, ᾱ at `prev`) for each step from `t` to `prev`, where a
+    /// `prev` below 0 means past the last timestep: ᾱ₀, or 1 with
+    /// `set_alpha_to_one` (PNDM's and DDIM's `final_alpha_cumprod`).
+    pub fn alpha_pairs(
+        &self,
+        settings: &Settings,
+        steps: impl Iterator<Item = (i64, i64)>,
+    ) -> Result<Vec<(f64, f64)>, SchedulerError> {
+        steps
+            .map(|(t, prev)| {
+                let a_t = self.alpha_cumprod(t)?;
+                let a_prev = if prev >= 0 {
+                    self.alpha_cumprod(prev)?
+                } else if settings.set_alpha_to_one {
+                    1.0
+                } else {
+                    self.alpha_cumprod(0)?
+                };
+                Ok((a_t, a_prev))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

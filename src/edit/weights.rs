@@ -10,7 +10,9 @@
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayViewMut2, Axis};
 
-use crate::edit::Change;
+use std::collections::BTreeMap;
+
+use super::Change;
 use crate::onnx::DataType;
 use crate::onnx::cross_attention::{Layout, Projection, Role};
 
@@ -37,9 +39,7 @@ pub enum WeightError {
         expected: usize,
     },
     /// The result does not fit the storage type.
-    #[error(
-        "editing {tensor:?} gives {value:e}, beyond what {dtype} can hold; use a larger --lambda or a float32 model"
-    )]
+    #[error("editing {tensor:?} gives {value:e}, beyond what {dtype} can hold")]
     Overflow {
         /// The weight.
         tensor: String,
@@ -76,7 +76,7 @@ pub struct EditedWeight {
 }
 
 /// Decodes little-endian `bytes` of `dtype` into f64.
-pub fn decode(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f64>, WeightError> {
+fn decode(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f64>, WeightError> {
     let bad = |why: String| WeightError::Malformed {
         tensor: tensor.to_string(),
         why,
@@ -110,7 +110,7 @@ pub fn decode(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f64>, W
 }
 
 /// Encodes f64 values as little-endian `dtype`, refusing values it cannot hold.
-pub fn encode(values: &[f64], dtype: DataType, tensor: &str) -> Result<Vec<u8>, WeightError> {
+fn encode(values: &[f64], dtype: DataType, tensor: &str) -> Result<Vec<u8>, WeightError> {
     let overflow = |value: f64| WeightError::Overflow {
         tensor: tensor.to_string(),
         value,
@@ -394,7 +394,7 @@ fn push_halves(
 }
 
 /// A stored weight in torch's `[out, d]` layout, as f32.
-pub fn torch_layout(p: &Projection, bytes: &[u8]) -> Result<Array2<f32>, WeightError> {
+fn torch_layout(p: &Projection, bytes: &[u8]) -> Result<Array2<f32>, WeightError> {
     let [rows, cols] = p.tensor.shape[..] else {
         return Err(WeightError::Malformed {
             tensor: p.initializer.clone(),
@@ -432,7 +432,7 @@ fn selected_columns(role: Role, cols: usize, targets: Targets) -> Vec<usize> {
 
 /// Splits a packed weight in torch layout `[heads·2·head_dim, d]` into K and V,
 /// each `[heads·head_dim, d]`.
-pub fn split_packed(torch_layout: &Array2<f32>, heads: usize) -> (Array2<f32>, Array2<f32>) {
+fn split_packed(torch_layout: &Array2<f32>, heads: usize) -> (Array2<f32>, Array2<f32>) {
     let rows = torch_layout.nrows();
     let head_dim = rows / (2 * heads.max(1));
     let pick = |half: usize| -> Vec<usize> {
@@ -444,6 +444,30 @@ pub fn split_packed(torch_layout: &Array2<f32>, heads: usize) -> (Array2<f32>, A
         torch_layout.select(Axis(0), &pick(0)),
         torch_layout.select(Axis(0), &pick(1)),
     )
+}
+
+/// Adds the edited weight `bytes` of `p` to `out` in torch's `[out, d]`
+/// layout, keyed for `unet.load_state_dict(.., strict=False)`: the diffusers
+/// parameter name where the module path is known, the initializer name
+/// otherwise; a packed weight becomes its `to_k` and `to_v`.
+pub fn add_torch_entries(
+    p: &Projection,
+    bytes: &[u8],
+    out: &mut BTreeMap<String, Array2<f32>>,
+) -> Result<(), WeightError> {
+    let w = torch_layout(p, bytes)?;
+    let base = p.module.clone().unwrap_or_else(|| p.initializer.clone());
+    match p.role {
+        Role::PackedKeyValue { heads } => {
+            let (k, v) = split_packed(&w, heads);
+            out.insert(format!("{base}.to_k.weight"), k);
+            out.insert(format!("{base}.to_v.weight"), v);
+        }
+        Role::Key | Role::Value => {
+            out.insert(format!("{base}.weight"), w);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

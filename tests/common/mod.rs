@@ -1,0 +1,112 @@
+//! Helpers shared by the integration tests. Each test file is its own crate
+//! and uses a part of these, hence `allow(dead_code)`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use ndarray::ArrayD;
+use time_onnx::onnx::Model;
+use time_onnx::onnx::patch::{Copying, TensorPatch, WriteError, Written};
+use time_onnx::pipeline::png::read_npy;
+use time_onnx::pipeline::schedulers::python_json;
+use time_onnx::runtime::{Device, SessionOptions};
+use time_onnx::workflow::edit::EditRequest;
+use time_onnx::workflow::generate::{GenerateError, Generator, Images, Params};
+
+/// `tests/fixtures`.
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// A path under `tests/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(FIXTURES).join(rel)
+}
+
+/// A float32 .npy file as an array.
+pub fn npy(path: &Path) -> ArrayD<f32> {
+    let (shape, data) = read_npy(path).unwrap();
+    ArrayD::from_shape_vec(shape, data).unwrap()
+}
+
+/// max |a − b| over arrays of one shape.
+pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// CPU sessions with `threads` intra-op threads.
+pub fn cpu_threads(threads: usize) -> SessionOptions {
+    SessionOptions {
+        device: Device::Cpu,
+        threads: Some(threads),
+        ..SessionOptions::default()
+    }
+}
+
+/// `source` → `destination` with the reference's defaults and the text
+/// side of fixture flavour `flavour` (operator only; set the rest with
+/// struct update syntax).
+pub fn edit_request(flavour: &str, source: &str, destination: &str) -> EditRequest {
+    let dir = fixture(&format!("sd-tiny/{flavour}"));
+    EditRequest::new(
+        dir.join("text_encoder/model.onnx"),
+        dir.join("tokenizer"),
+        source,
+        destination,
+    )
+}
+
+/// A model folder that is fixture flavour `flavour` with the scheduler
+/// config the goldens were made with (diffusers' SD 1.x base config, which
+/// has no `timestep_spacing`) instead of the saved one: every other entry is
+/// a link to the fixture's.
+pub fn with_base_scheduler_config(flavour: &str) -> tempfile::TempDir {
+    let src = fixture(&format!("sd-tiny/{flavour}"));
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "scheduler" {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let index = std::fs::read_to_string(fixture("goldens/schedulers/index.json")).unwrap();
+    let config = python_json(&index).unwrap()["base_config"].clone();
+    std::fs::create_dir(dir.path().join("scheduler")).unwrap();
+    std::fs::write(
+        dir.path().join("scheduler/scheduler_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// Embeds `prompt` (and the negative prompt of `p`) and generates.
+pub fn generate(g: &mut Generator, prompt: &str, p: &Params) -> Result<Images, GenerateError> {
+    let emb = g.embed(prompt, &p.negative_prompt)?;
+    g.generate(&emb, p, &mut |_, _| {})
+}
+
+/// Writes `model` with `patches` and `metadata` to `output` in one go.
+pub fn write_patched(
+    model: &Model,
+    patches: &[TensorPatch],
+    metadata: &[(String, String)],
+    output: &Path,
+) -> Result<Written, WriteError> {
+    Copying::start(model, output)?.finish(model, patches, metadata, &mut |_, _| {})
+}
+
+/// The text chunks of a PNG: Latin-1 ones, then UTF-8 ones.
+pub fn read_png_text(path: &Path) -> Vec<(String, String)> {
+    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let reader = png::Decoder::new(file).read_info().unwrap();
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    for t in &info.utf8_text {
+        out.push((t.keyword.clone(), t.get_text().unwrap()));
+    }
+    out
+}
