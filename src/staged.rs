@@ -6,6 +6,9 @@
 //! failure, a full disk or a kill therefore never leaves a partial file under
 //! an output name, and an input that is also mapped is never truncated.
 //!
+//! Missing output folders are created, and removed again (when still empty)
+//! if the files meant for them are not committed.
+//!
 //! The temporary names live in a process-wide registry so that an interrupt
 //! handler can remove them ([`abandon_all`]) before the process exits; only
 //! SIGKILL, which no process can intercept, leaves one behind (hidden, named
@@ -50,16 +53,19 @@ pub struct TempFile {
 #[derive(Default)]
 pub struct Staged {
     files: Vec<TempFile>,
+    /// Folders this set created, outermost first.
+    created: Vec<PathBuf>,
 }
 
 impl Staged {
-    /// Creates the temporary file for `dest` (whose folder must exist).
+    /// Creates the temporary file for `dest`, and its folder if missing.
     pub fn create(&mut self, dest: &Path) -> std::io::Result<&TempFile> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = dest.file_name().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path")
         })?;
+        self.create_folders(folder_of(dest))?;
         let path = folder_of(dest).join(format!(
             ".{}.tmp.{}.{n}",
             name.to_string_lossy(),
@@ -78,6 +84,20 @@ impl Staged {
             dest: dest.to_path_buf(),
         });
         Ok(self.files.last().expect("just pushed"))
+    }
+
+    /// Creates `dir` and its missing parents one by one, remembering each, so
+    /// that a failure removes exactly what this set made.
+    fn create_folders(&mut self, dir: &Path) -> std::io::Result<()> {
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => self.created.push(d.to_path_buf()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The temporary file created for `dest`, if any.
@@ -111,20 +131,40 @@ impl Staged {
             registry.retain(|p| p != &f.path);
         }
         self.files.clear();
+        self.created.clear();
         Ok(())
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if self.files.is_empty() {
-            return;
+        if !self.files.is_empty() {
+            let mut registry = live();
+            for f in &self.files {
+                let _ = std::fs::remove_file(&f.path);
+                registry.retain(|p| p != &f.path);
+            }
         }
-        let mut registry = live();
-        for f in &self.files {
-            let _ = std::fs::remove_file(&f.path);
-            registry.retain(|p| p != &f.path);
+        // Innermost first; a folder something else has written into stays.
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+/// Checks, before any work, that files can be written into `dir`: the
+/// nearest part of it that exists is a folder (the rest is created by
+/// [`Staged::create`]).
+pub fn check_folder(dir: &Path) -> std::io::Result<()> {
+    match dir
+        .ancestors()
+        .find(|d| d.as_os_str().is_empty() || d.exists())
+    {
+        Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("{} is not a folder", d.display()),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -174,6 +214,34 @@ mod tests {
         assert_eq!(err.to_string(), "disk full");
         assert!(!dest.exists());
         assert!(hidden_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn missing_folders_are_created_and_removed_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a/b/out.bin");
+        let err = write_file(&dest, |_| Err(std::io::Error::other("disk full"))).unwrap_err();
+        assert_eq!(err.to_string(), "disk full");
+        assert!(!dir.path().join("a").exists());
+        write_file(&dest, |w| w.write_all(b"ok")).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"ok");
+        // A folder that already existed is never removed.
+        let other = dir.path().join("a/c/out.bin");
+        write_file(&other, |_| Err(std::io::Error::other("no"))).unwrap_err();
+        assert!(dir.path().join("a/b/out.bin").exists());
+        assert!(!dir.path().join("a/c").exists());
+    }
+
+    #[test]
+    fn check_folder_refuses_a_file_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(check_folder(&dir.path().join("new/deeper")).is_ok());
+        assert!(check_folder(Path::new("")).is_ok());
+        let err = check_folder(&file.join("sub")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotADirectory);
+        assert!(err.to_string().ends_with("f is not a folder"), "{err}");
     }
 
     #[test]

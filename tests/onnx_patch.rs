@@ -222,12 +222,18 @@ fn wrong_length_replacement_is_refused_before_writing() {
 }
 
 #[test]
-fn missing_output_folder_is_an_error_and_leaves_nothing() {
+fn missing_output_folders_are_created_and_a_file_in_the_way_refused() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.onnx");
     save(&input, vec![inline("a", &[1.0])]);
     let model = Model::open(&input).unwrap();
-    let out = dir.path().join("missing/out.onnx");
-    let err = write_patched(&model, &[], &[], &out).unwrap_err();
+    let out = dir.path().join("missing/deeper/out.onnx");
+    write_patched(&model, &[], &[], &out).unwrap();
+    assert!(out.is_file());
+
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, b"x").unwrap();
+    let err = write_patched(&model, &[], &[], &blocker.join("out.onnx")).unwrap_err();
     assert!(matches!(err, WriteError::Io { .. }), "{err}");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"x");
 }

@@ -360,18 +360,13 @@ impl Drop for Copying {
 }
 
 /// Checks, before any work, that `output` can be written: its folder exists
-/// and it is not the input itself.
+/// or can be created, and it is not the input itself.
 pub fn check_output(model: &Model, output: &Path) -> Result<(), WriteError> {
     let dir = folder_of(output);
-    if !dir.is_dir() {
-        return Err(WriteError::Io {
-            path: dir.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the output folder does not exist",
-            ),
-        });
-    }
+    crate::staged::check_folder(dir).map_err(|source| WriteError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     if same_file(output, model.path()) {
         return Err(WriteError::SameAsInput {
             output: output.to_path_buf(),
