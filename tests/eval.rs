@@ -21,6 +21,7 @@ fn toy() -> PathBuf {
 
 fn request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
     EvalRequest {
+        max_memory: None,
         model: model.to_path_buf(),
         dataset: dataset.to_path_buf(),
         rows: None,

@@ -13,7 +13,7 @@ use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
 use time_onnx::workflow::eval::{self, EvalRequest};
 
-use super::{DeviceArg, parse_scheduler, resolve_device};
+use super::{DeviceArg, finite, parse_scheduler, parse_size, resolve_device};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -33,10 +33,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 25)]
     steps: usize,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = finite)]
     guidance: f64,
     /// TIME's λ (the paper uses 0.1).
-    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA)]
+    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA, value_parser = finite)]
     lambda: f64,
     /// Scheduler.
     #[arg(long, value_parser = parse_scheduler, default_value = "ddim")]
@@ -57,6 +57,10 @@ pub struct EvalArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Refuse sizes (--seeds, --batch) whose generation needs more memory than
+    /// this, e.g. 8G (default: the memory available when the run starts).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Intra-op threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -85,6 +89,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         resume,
         batch,
         device,
+        max_memory,
         threads,
     } = args;
     let rt = Runtime::load()?;
@@ -107,6 +112,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         output: output.clone(),
         resume,
         session,
+        max_memory,
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();

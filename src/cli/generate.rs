@@ -13,7 +13,7 @@ use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
 use time_onnx::workflow::generate::{Generator, Images, Params};
 
-use super::{DeviceArg, parse_scheduler, resolve_device};
+use super::{DeviceArg, finite, parse_scheduler, parse_size, resolve_device};
 
 /// Arguments of `generate`.
 #[derive(Debug, Args)]
@@ -50,7 +50,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = finite)]
     guidance: f64,
     /// Seed of time-onnx's RNG (xoshiro256++ and Box–Muller; not torch's).
     #[arg(long, default_value_t = 0)]
@@ -71,7 +71,7 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = parse_scheduler)]
     scheduler: Option<SchedulerKind>,
     /// DDIM's η (0: deterministic).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
     eta: f64,
     /// Where to run: CUDA when it starts (auto), or insist on one.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -83,6 +83,10 @@ pub struct GenerateArgs {
     /// "all" (ORT's and diffusers' default) takes 4–8 s more and is ~1% faster per step.
     #[arg(long, value_enum, default_value_t = GraphOptArg::Extended)]
     graph_opt: GraphOptArg,
+    /// Refuse sizes (--height, --width, --num-images) whose generation needs more memory than
+    /// this, e.g. 8G (default: the memory available when the run starts).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Threads (default: one per core). On the CPU, with an even count, a guided batch
     /// runs as two concurrent runs with half the threads each.
     #[arg(long)]
@@ -124,6 +128,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         device,
         no_safety_checker,
         graph_opt,
+        max_memory,
         threads,
     } = args;
     let prompts = read_prompts(prompt, prompts)?;
@@ -144,6 +149,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", model.display()))?;
     if no_safety_checker {
         generator = generator.without_safety_checker();
+    }
+    if let Some(bytes) = max_memory {
+        generator = generator.with_memory_limit(bytes);
     }
     let operators = read_operators(&edit_files)?;
     generator.set_edit_operators(&operators, force)?;

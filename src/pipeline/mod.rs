@@ -1,5 +1,5 @@
 //! The parts of generation, in the order an image is made: a model folder's
-//! layout ([`model`]), the UNet session ([`unet`]), schedulers
+//! layout ([`model`]), the memory a size needs ([`memory`]), the UNet session ([`unet`]), schedulers
 //! ([`schedulers`]) and the guided denoising loop ([`denoise`]) with its
 //! seeded noise ([`rng`]), the VAE decoder ([`vae`]), the safety checker
 //! ([`safety`], with CLIP's image preprocessing in [`clip_image`]), and PNG
@@ -7,6 +7,7 @@
 
 pub mod clip_image;
 pub mod denoise;
+pub mod memory;
 pub mod model;
 pub mod png;
 pub mod rng;

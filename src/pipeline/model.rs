@@ -50,6 +50,9 @@ pub struct ModelDir {
     pub vae_scaling_factor: f32,
     /// Pixels per latent (2^(number of VAE blocks − 1)).
     pub vae_factor: usize,
+    /// Channels of the VAE decoder's widest full-resolution layer
+    /// (`block_out_channels[1]`, 256 for SD), for the memory check.
+    pub vae_decoder_channels: usize,
     /// Latent side the UNet was trained at (`unet/config.json` `sample_size`), when known.
     pub unet_sample_size: Option<usize>,
 }
@@ -67,6 +70,10 @@ struct UnetConfig {
 
 /// SD 1.x/2.x's VAE scaling factor, used when the folder has no VAE config.
 pub const DEFAULT_VAE_SCALING: f32 = 0.18215;
+
+/// SD's VAE `block_out_channels[1]` (128, 256, 512, 512), used when the folder
+/// has no VAE config.
+const SD_DECODER_CHANNELS: usize = 256;
 
 impl ModelDir {
     /// Reads the folder layout; every required file must exist.
@@ -116,6 +123,11 @@ impl ModelDir {
             .as_ref()
             .and_then(|v| v.block_out_channels.as_ref())
             .map_or(8, |b| 1 << b.len().saturating_sub(1));
+        let vae_decoder_channels = vae
+            .as_ref()
+            .and_then(|v| v.block_out_channels.as_ref())
+            .and_then(|b| b.iter().take(2).max().copied())
+            .unwrap_or(SD_DECODER_CHANNELS);
         let unet_config = root.join("unet/config.json");
         let unet_sample_size = if unet_config.exists() {
             read_json::<UnetConfig>(&unet_config)?.sample_size
@@ -132,6 +144,7 @@ impl ModelDir {
             safety_checker,
             vae_scaling_factor,
             vae_factor,
+            vae_decoder_channels,
             unet_sample_size,
         })
     }

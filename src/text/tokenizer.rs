@@ -144,6 +144,22 @@ impl ClipTokenizer {
         Ok(truncate(self.encode(text)?, self.max_len, self.eos))
     }
 
+    /// What [`Self::encode_truncated`] cuts off the end of `text`, as text
+    /// (`None` when it fits), so that a long prompt is not shortened silently:
+    /// diffusers warns with the same words.
+    pub fn dropped_text(&self, text: &str) -> Result<Option<String>, TextError> {
+        let ids = self.encode(text)?;
+        if ids.len() <= self.max_len {
+            return Ok(None);
+        }
+        let cut = &ids[self.max_len - 1..ids.len() - 1];
+        let tokens: String = cut
+            .iter()
+            .filter_map(|&id| self.inner.id_to_token(id))
+            .collect();
+        Ok(Some(decode_byte_level(&tokens)))
+    }
+
     /// The text encoder's input for one prompt: [`Self::encode_truncated`]
     /// padded with [`Self::pad_id`] to exactly [`Self::max_len`] ids.
     pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>, TextError> {
@@ -673,6 +689,25 @@ mod tests {
             .collect();
         let merges = parse_merges(&text, Path::new("merges.txt")).unwrap();
         assert_eq!(merges.len(), MAX_MERGES);
+    }
+
+    #[test]
+    fn dropped_text_is_what_truncation_cuts() {
+        let tok = tiny_tokenizer(WORDS);
+        // 77 ids hold BOS, 75 words of one token each, EOS.
+        let fits = ["pack"; 75].join(" ");
+        assert_eq!(tok.encode(&fits).unwrap().len(), 77);
+        assert_eq!(tok.dropped_text(&fits).unwrap(), None);
+        assert_eq!(tok.dropped_text("A pack of roses").unwrap(), None);
+        let long = format!("{fits} of roses blue apple");
+        assert_eq!(
+            tok.dropped_text(&long).unwrap().as_deref(),
+            Some("of roses blue apple")
+        );
+        assert_eq!(
+            tok.encode_truncated(&long).unwrap(),
+            tok.encode(&fits).unwrap()
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::edit::Operator;
 use crate::edit::record;
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
+use crate::pipeline::denoise::Guidance;
 use crate::pipeline::png;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
@@ -55,6 +56,8 @@ pub struct EvalRequest {
     pub resume: bool,
     /// Session settings.
     pub session: SessionOptions,
+    /// Bytes a batch may need (the memory available when `None`).
+    pub max_memory: Option<u64>,
 }
 
 /// The settings a report was made with; `--resume` requires the same.
@@ -242,8 +245,13 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     let rt = Runtime::load()?;
     let mut generator =
         Generator::open(&rt, &req.model, None, req.session)?.without_safety_checker();
+    if let Some(bytes) = req.max_memory {
+        generator = generator.with_memory_limit(bytes);
+    }
     let mut classifier = Classifier::open(&req.classifier, &rt, &req.model, req.session)?;
     let (height, width) = generator.default_size();
+    // Every seed's latents are drawn now and a prompt's images are kept together.
+    generator.check_memory(req.seeds, Guidance(req.guidance), height, width)?;
     let f = generator.model.vae_factor;
     let latents: Vec<ArrayD<f32>> = (0..req.seeds as u64)
         .map(|s| Rng::new(s).randn(&[1, 4, height / f, width / f]))

@@ -15,8 +15,10 @@ use crate::edit::Operator;
 use crate::edit::operator_file::OperatorMeta;
 use crate::edit::record::{EditRecord, previous_records};
 use crate::onnx::fingerprint::weights_fingerprint;
+use crate::onnx::summary::human_bytes;
 use crate::onnx::{Model, OnnxError};
 use crate::pipeline::denoise::{DenoiseError, Guidance, denoise};
+use crate::pipeline::memory;
 use crate::pipeline::model::{ModelDir, ModelDirError};
 use crate::pipeline::rng::Rng;
 use crate::pipeline::safety::SafetyChecker;
@@ -107,6 +109,29 @@ pub enum GenerateError {
         /// The VAE's pixels per latent.
         factor: usize,
     },
+    /// A guidance scale that is NaN or infinite (every image would be NaN).
+    #[error("the guidance scale must be a finite number, got {0}")]
+    Guidance(f64),
+    /// A generation larger than the memory it may use.
+    #[error(
+        "{images} image(s) of {height}x{width} need at least {} of memory, more than the {} {}",
+        human_bytes(*.need), human_bytes(*.limit),
+        if *.available { "available" } else { "allowed" }
+    )]
+    TooLarge {
+        /// Images generated together.
+        images: usize,
+        /// Pixels asked for.
+        height: usize,
+        /// Pixels asked for.
+        width: usize,
+        /// The estimate's floor, in bytes (`u64::MAX` when beyond 64 bits).
+        need: u64,
+        /// The limit, in bytes.
+        limit: u64,
+        /// Whether the limit is the memory available (not one that was set).
+        available: bool,
+    },
     /// No steps or no images asked for.
     #[error("the step count and the image count must be at least 1")]
     NothingToDo,
@@ -185,6 +210,8 @@ pub struct Generator {
     /// Mᵀ `[d, d] f32` for the composed edit operators, applied to every
     /// token's embedding before the UNet (row form: e' = e·Mᵀ).
     embedding_edit: Option<Array2<f32>>,
+    /// Bytes a generation may need; the memory available when `None`.
+    memory_limit: Option<u64>,
 }
 
 impl Generator {
@@ -214,6 +241,7 @@ impl Generator {
             denoiser: None,
             scheduler_config: SchedulerConfig::from_file(&model.scheduler_config)?,
             embedding_edit: None,
+            memory_limit: None,
             model,
             unet_path,
         })
@@ -223,6 +251,53 @@ impl Generator {
     pub fn without_safety_checker(mut self) -> Self {
         self.skip_safety = true;
         self
+    }
+
+    /// The same, refusing generations that need more than `bytes` instead
+    /// of more than the memory available when they start.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Refuses `images` images of `height`×`width` generated together when
+    /// their floor (see [`memory`]) is above the limit, before anything of
+    /// their size is allocated.
+    pub fn check_memory(
+        &self,
+        images: usize,
+        guidance: Guidance,
+        height: usize,
+        width: usize,
+    ) -> Result<(), GenerateError> {
+        let (limit, available) = match self.memory_limit {
+            Some(bytes) => (bytes, false),
+            None => match memory::available() {
+                Some(bytes) => (bytes, true),
+                None => return Ok(()),
+            },
+        };
+        let need = memory::Footprint {
+            images,
+            unet_rows: images.saturating_mul(if guidance.is_on() { 2 } else { 1 }),
+            height,
+            width,
+            factor: self.model.vae_factor,
+            decoder_channels: self.model.vae_decoder_channels,
+        }
+        .bytes()
+        .unwrap_or(u64::MAX);
+        if need > limit {
+            return Err(GenerateError::TooLarge {
+                images,
+                height,
+                width,
+                need,
+                limit,
+                available,
+            });
+        }
+        Ok(())
     }
 
     /// Whether a safety checker runs on the images.
@@ -286,6 +361,14 @@ impl Generator {
         prompt: &str,
         negative_prompt: &str,
     ) -> Result<Array3<f32>, GenerateError> {
+        for (what, text) in [("prompt", prompt), ("negative prompt", negative_prompt)] {
+            if let Some(dropped) = self.tokenizer.dropped_text(text)? {
+                tracing::warn!(
+                    "the {what} is longer than the text encoder's {} tokens; dropped: {dropped:?}",
+                    self.tokenizer.max_len()
+                );
+            }
+        }
         let ids = vec![
             self.tokenizer.encode_padded(negative_prompt)?,
             self.tokenizer.encode_padded(prompt)?,
@@ -370,8 +453,12 @@ impl Generator {
         if p.steps == 0 || p.num_images == 0 {
             return Err(GenerateError::NothingToDo);
         }
+        if !p.guidance.is_finite() {
+            return Err(GenerateError::Guidance(p.guidance));
+        }
         let n = p.num_images;
         let guidance = Guidance(p.guidance);
+        self.check_memory(n, guidance, p.height, p.width)?;
         let shape = [n, 4, p.height / f, p.width / f];
         let kind = self.scheduler_kind(p)?;
         let mut scheduler = schedulers::build(&self.scheduler_config, kind, p.steps, p.eta)?;
