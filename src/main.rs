@@ -6,7 +6,15 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     cli::signals::install();
-    let args = <cli::Cli as clap::Parser>::parse();
+    let args = match <cli::Cli as clap::Parser>::try_parse() {
+        Ok(args) => args,
+        // --help and --version print to stdout and exit 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", cli::usage_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     cli::init_logging(args.verbosity());
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -271,3 +271,125 @@ fn errors_name_the_flag_that_fixes_them() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("pass --resume to continue it"), "{err}");
 }
+
+const TOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/toy");
+
+/// A toy generation with `extra` arguments, writing into a fresh folder.
+fn toy_generate(extra: &[&str]) -> (std::process::Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = time_onnx()
+        .args([
+            "generate", "--model", TOY, "--device", "cpu", "--steps", "2",
+        ])
+        .arg("-o")
+        .arg(dir.path().join("x.png"))
+        .args(extra)
+        .output()
+        .unwrap();
+    (o, dir)
+}
+
+fn one_error_line(o: &std::process::Output, code: i32) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn sizes_beyond_memory_are_refused_before_allocating() {
+    // 100000² pixels would need terabytes: refused against the memory available.
+    let huge = [
+        "--prompt", "a circle", "--height", "100000", "--width", "100000",
+    ];
+    let (o, dir) = toy_generate(&huge);
+    let err = one_error_line(&o, 1);
+    assert!(
+        err.contains("100000x100000") && err.contains("available") && err.contains("--max-memory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // So is an image count, and a limit that was set is named as such.
+    let (o, _) = toy_generate(&["--prompt", "a circle", "--num-images", "1000000000000"]);
+    assert!(one_error_line(&o, 1).contains("more than the"));
+    // (32×32: its decoder's 32-channel layers alone take 393 kB.)
+    let (o, _) = toy_generate(&["--prompt", "a circle", "--max-memory", "100K"]);
+    let err = one_error_line(&o, 1);
+    assert!(err.contains("more than the 100.0 kB allowed"), "{err}");
+    // The default size fits in the default limit.
+    let (o, dir) = toy_generate(&["--prompt", "a circle"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.path().join("x.png").exists());
+}
+
+#[test]
+fn float_flags_refuse_nan_and_infinity_by_name() {
+    for (flag, value) in [
+        ("--guidance", "nan"),
+        ("--guidance", "inf"),
+        ("--eta", "NaN"),
+    ] {
+        let (o, dir) = toy_generate(&["--prompt", "a circle", flag, value]);
+        let err = one_error_line(&o, 1);
+        assert!(
+            err.contains(flag) && err.contains("not a finite number"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn a_prompt_past_the_token_limit_warns_naming_the_dropped_words() {
+    // The toy tokenizer is CLIP's: 75 one-token words fill its 77 ids.
+    let long = format!("{} a red square", ["circle"; 75].join(" "));
+    let (o, _) = toy_generate(&["--prompt", &long]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("longer than the text encoder's 77 tokens")
+            && err.contains("dropped: \"a red square\""),
+        "{err}"
+    );
+    let (o, _) = toy_generate(&["--prompt", "a circle"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("dropped"));
+}
+
+#[test]
+fn edit_creates_missing_output_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("edited/unet/model.onnx");
+    let o = time_onnx()
+        .args(["edit", &format!("{TOY}/unet/model.onnx")])
+        .args(["--src", "a circle", "--dst", "a blue circle", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.exists() && out.with_file_name("model.onnx_data").exists());
+    // A file where a folder should be is refused before any work.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let o = time_onnx()
+        .args(["edit", &format!("{TOY}/unet/model.onnx")])
+        .args(["--src", "a circle", "--dst", "a blue circle", "-o"])
+        .arg(blocker.join("unet/model.onnx"))
+        .output()
+        .unwrap();
+    let err = one_error_line(&o, 1);
+    assert!(err.contains("is not a folder"), "{err}");
+}
+
+#[test]
+fn global_flags_come_last_in_each_commands_help() {
+    let o = time_onnx().args(["edit", "--help"]).output().unwrap();
+    let help = String::from_utf8(o.stdout).unwrap();
+    let (src, dst, verbose) = (
+        help.find("--src").unwrap(),
+        help.find("--dst").unwrap(),
+        help.find("--verbose").unwrap(),
+    );
+    assert!(src < dst && dst < verbose, "{help}");
+    assert!(help.contains("Global options:"), "{help}");
+}

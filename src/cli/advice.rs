@@ -24,12 +24,39 @@ pub fn one_line(err: &anyhow::Error) -> String {
         if out.ends_with(&text) {
             continue;
         }
+        let text = without_named_path(&out, &text);
         if !out.is_empty() {
             out.push_str(": ");
         }
-        out.push_str(&text);
+        out.push_str(text);
     }
     out
+}
+
+/// A command-line mistake on one line, like every other error: clap's message
+/// without its usage block ("--help" shows that), indented detail lines
+/// (the missing arguments, a tip) joined on.
+pub fn usage_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    text.lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `text` without its leading "PATH: " when the line so far already names
+/// that path ("editing X: X: bad data" reads "editing X: bad data").
+fn without_named_path<'a>(line: &str, text: &'a str) -> &'a str {
+    match text.split_once(": ") {
+        Some((head, rest))
+            if head.contains(['/', '.']) && !rest.is_empty() && line.contains(head) =>
+        {
+            rest
+        }
+        _ => text,
+    }
 }
 
 /// How the CLI words a library error.
@@ -82,6 +109,9 @@ fn generate(e: &GenerateError) -> Option<Wording> {
         GenerateError::NothingToDo => Some(Wording::Instead(
             "--steps and --num-images must be at least 1",
         )),
+        GenerateError::TooLarge { .. } => Some(Wording::Then(
+            "; ask for fewer or smaller images, or set --max-memory if you know it fits",
+        )),
         _ => None,
     }
 }
@@ -121,5 +151,50 @@ fn scoring(e: &EvalError) -> Option<Wording> {
     match e {
         EvalError::Session(s) => session(s),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_fit_on_one_line() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Args {
+            #[arg(long)]
+            src: String,
+            #[arg(long)]
+            steps: Option<usize>,
+        }
+        let line = |argv: &[&str]| usage_line(&Args::try_parse_from(argv).unwrap_err());
+        assert_eq!(
+            line(&["t"]),
+            "error: the following required arguments were not provided: --src <SRC>"
+        );
+        assert_eq!(
+            line(&["t", "--src", "a", "--steps", "x"]),
+            "error: invalid value 'x' for '--steps <STEPS>': invalid digit found in string"
+        );
+    }
+
+    #[test]
+    fn a_path_the_line_already_names_is_not_repeated() {
+        let err = anyhow::anyhow!("m/unet/model.onnx: external data location \"w.pb\" is missing")
+            .context("editing m/unet/model.onnx");
+        assert_eq!(
+            one_line(&err),
+            "editing m/unet/model.onnx: external data location \"w.pb\" is missing"
+        );
+        // Another file's path stays, and so does a head that is not a path.
+        let err =
+            anyhow::anyhow!("m/unet/weights.pb: truncated").context("editing m/unet/model.onnx");
+        assert_eq!(
+            one_line(&err),
+            "editing m/unet/model.onnx: m/unet/weights.pb: truncated"
+        );
+        let err = anyhow::anyhow!("scheduler: unknown").context("loading scheduler");
+        assert_eq!(one_line(&err), "loading scheduler: scheduler: unknown");
     }
 }

@@ -10,6 +10,8 @@ use time_onnx::edit::{DEFAULT_AUGMENTATIONS, Targets};
 use time_onnx::onnx::summary::human_bytes;
 use time_onnx::workflow::edit::{self, EditReport, EditRequest, Progress};
 
+use super::finite;
+
 /// Arguments of `edit`.
 #[derive(Debug, Args)]
 pub struct EditArgs {
@@ -36,7 +38,7 @@ pub struct EditArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Regularisation λ: larger keeps the model closer to the original (the paper uses 0.1).
-    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA)]
+    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA, value_parser = finite)]
     lambda: f64,
     /// An augmentation prefix (repeatable); replaces the defaults "A photo of ", "An image of ", "A picture of ".
     #[arg(long = "aug", value_name = "TEXT")]

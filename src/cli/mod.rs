@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{Device, Runtime};
 
-pub use advice::one_line;
+pub use advice::{one_line, usage_line};
+
+/// The help heading of -v/-q, so that every command's help lists them after
+/// its own options rather than among them.
+const GLOBAL: &str = "Global options";
 
 /// Edit the implicit assumptions of Stable Diffusion models inside their ONNX
 /// files (TIME, Orgad et al. 2023), and generate images with the result.
@@ -22,10 +26,10 @@ pub use advice::one_line;
 #[command(name = "time-onnx", version, max_term_width = 100)]
 pub struct Cli {
     /// More log output (-v: info, -vv: debug, -vvv: trace); ONNX Runtime's own messages from -vv.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     verbose: u8,
     /// Only errors.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
@@ -114,6 +118,54 @@ enum DeviceArg {
     Cpu,
 }
 
+/// A float flag's value, refused when NaN or infinite: such a value would
+/// flow into the maths and give a black or noise image, or an edit of NaNs.
+fn finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not a finite number"))
+    }
+}
+
+/// `--max-memory`: bytes, or a number with K, M, G, T (powers of 1000, as
+/// error lines print sizes) or Ki, Mi, Gi, Ti (powers of 1024); a trailing B
+/// is optional.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit.strip_suffix('B').unwrap_or(&unit);
+    let (prefix, base) = match unit.strip_suffix('I') {
+        Some(p) => (p, 1024_f64),
+        None => (unit, 1000_f64),
+    };
+    let power = match prefix {
+        "" if base == 1000.0 => 0,
+        "K" => 1,
+        "M" => 2,
+        "G" => 3,
+        "T" => 4,
+        _ => {
+            return Err(format!(
+                "{s:?}: the unit must be K, M, G, T or Ki, Mi, Gi, Ti"
+            ));
+        }
+    };
+    let value: f64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 8G or 512M"))?;
+    let bytes = value * base.powi(power);
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{s:?} is not a usable memory size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// `--scheduler`: a CLI name or a diffusers class name.
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     s.parse::<SchedulerKind>().map_err(|e| e.to_string())
@@ -127,14 +179,44 @@ fn resolve_device(rt: &Runtime, d: DeviceArg) -> Device {
         DeviceArg::Cuda => Device::Cuda,
         DeviceArg::Auto => {
             let choice = rt.choose_device(Device::Auto);
-            match &choice.cuda_unavailable {
-                None => eprintln!("running on CUDA"),
-                Some(reason) => {
+            match (&choice.cuda_unavailable, choice.device) {
+                (None, Device::Cuda) => eprintln!("running on CUDA"),
+                (None, _) => tracing::info!(
+                    "running on CPU: this ONNX Runtime build has no CUDA provider (see `time-onnx doctor`)"
+                ),
+                (Some(reason), _) => {
                     let short = reason.lines().next().unwrap_or_default();
                     tracing::warn!("CUDA is not available, running on CPU ({short})");
                 }
             }
             choice.device
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("8G"), Ok(8_000_000_000));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("100mb"), Ok(100_000_000));
+        assert_eq!(parse_size("100Ki"), Ok(102_400));
+        assert!(parse_size("8X").is_err());
+        assert!(parse_size("8i").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999T").is_err());
+    }
+
+    #[test]
+    fn float_flags_refuse_nan_and_infinities() {
+        assert_eq!(finite("7.5"), Ok(7.5));
+        for bad in ["nan", "NaN", "inf", "-inf", "1e400"] {
+            assert!(finite(bad).is_err(), "{bad}");
         }
     }
 }

@@ -37,7 +37,8 @@ pub enum Device {
 pub struct DeviceChoice {
     /// [`Device::Cpu`] or [`Device::Cuda`].
     pub device: Device,
-    /// Why CUDA was not chosen for `Auto` (ONNX Runtime's message).
+    /// Why CUDA was not chosen for `Auto` although this build of ONNX Runtime
+    /// has its provider (ONNX Runtime's message).
     pub cuda_unavailable: Option<String>,
 }
 
@@ -85,8 +86,14 @@ impl Runtime {
     }
 
     /// Decides `Auto` (once per runtime); `Cuda` and `Cpu` stay as asked.
+    /// With a build of ONNX Runtime that has no CUDA provider, `Auto` is
+    /// simply the CPU: nothing failed, so there is nothing to report.
     pub fn choose_device(&self, requested: Device) -> DeviceChoice {
         match requested {
+            Device::Auto if self.cuda_in_build() == Ok(false) => DeviceChoice {
+                device: Device::Cpu,
+                cuda_unavailable: None,
+            },
             Device::Auto => match self.cuda_check() {
                 Ok(()) => DeviceChoice {
                     device: Device::Cuda,
