@@ -44,9 +44,33 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if ! command -v cargo >/dev/null 2>&1; then
-  say "cargo not found: time-onnx needs a Rust toolchain >= 1.92 (rustup)."
-  exit 1
+# --- Rust ----------------------------------------------------------------------
+# A cargo at least as new as Cargo.toml's rust-version on the PATH is used as it
+# is (rustup's, say). Otherwise Debian 12's own registry has a recent toolchain:
+# rustc-web and cargo-web (bookworm-security, 1.96), with rustfmt-web and
+# rust-web-clippy, which scripts/test.sh needs.
+MSRV=$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$ROOT/Cargo.toml")
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+cargo_ok() {
+  command -v cargo >/dev/null 2>&1 && version_ge "$(cargo --version | awk '{print $2}')" "$MSRV"
+}
+if ! cargo_ok; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  web=(rustc-web cargo-web rustfmt-web rust-web-clippy)
+  $SUDO apt-get update -qq
+  candidate=$(apt-cache policy cargo-web 2>/dev/null | sed -n 's/^ *Candidate: *\([0-9.]*\).*/\1/p')
+  if [ -n "$candidate" ] && version_ge "$candidate" "$MSRV"; then
+    say "no cargo >= $MSRV on the PATH: installing Debian's ${web[*]} ($candidate)"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${web[@]}" >/dev/null
+    hash -r
+  fi
+  if ! cargo_ok; then
+    found=$(command -v cargo >/dev/null 2>&1 && cargo --version || echo "no cargo")
+    say "time-onnx needs cargo >= $MSRV; found: $found; Debian's cargo-web candidate: ${candidate:-none}"
+    say "(on Debian 12, enable bookworm-security in the apt sources; elsewhere install Rust with rustup)"
+    exit 1
+  fi
 fi
 
 # --- 2. ONNX Runtime from the PyPI wheel --------------------------------------
