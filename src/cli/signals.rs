@@ -1,6 +1,7 @@
 //! Signals, handled at the edge: an interrupt removes the unfinished output
-//! files of this process before it exits, so Ctrl-C never leaves a temporary
-//! file behind (only SIGKILL can, and never under an output name).
+//! files of this process that already have a (hidden) name before it exits,
+//! so Ctrl-C never leaves a temporary file behind (see `staged` for what
+//! SIGKILL can leave, and who removes it).
 
 use std::sync::atomic::{AtomicI32, Ordering};
 

@@ -174,8 +174,8 @@ impl Copying {
             let file = tmp
                 .file
                 .try_clone()
-                .map_err(|source| io(&tmp.path, source))?;
-            jobs.push((src, file, tmp.path.clone()));
+                .map_err(|source| io(&tmp.dest, source))?;
+            jobs.push((src, file, tmp.dest.clone()));
             Ok::<_, WriteError>(())
         };
         for (old, new) in &locations {
@@ -241,7 +241,7 @@ impl Copying {
         let tmp = self.write_model(model, patches)?;
         (&tmp.file)
             .write_all(&encode_metadata(metadata))
-            .map_err(|source| io(&tmp.path, source))?;
+            .map_err(|source| io(&tmp.dest, source))?;
         let written = Written {
             model: self.output.clone(),
             data_files: self
@@ -285,7 +285,7 @@ impl Copying {
                 {
                     tmp.file
                         .write_all_at(&p.data, *offset)
-                        .map_err(|source| io(&tmp.path, source))?;
+                        .map_err(|source| io(&tmp.dest, source))?;
                 }
             }
         }
@@ -306,12 +306,12 @@ impl Copying {
                 if let Storage::Inline { offset } = p.tensor.storage {
                     tmp.file
                         .write_all_at(&p.data, offset)
-                        .map_err(|source| io(&tmp.path, source))?;
+                        .map_err(|source| io(&tmp.dest, source))?;
                 }
             }
             (&tmp.file)
                 .seek(SeekFrom::End(0))
-                .map_err(|source| io(&tmp.path, source))?;
+                .map_err(|source| io(&tmp.dest, source))?;
             return Ok(tmp);
         }
         let inline: HashMap<&str, &[u8]> = patches
@@ -337,7 +337,7 @@ impl Copying {
             .map_err(|source| io(&self.output, source))?;
         (&tmp.file)
             .write_all(&rewritten)
-            .map_err(|source| io(&tmp.path, source))?;
+            .map_err(|source| io(&tmp.dest, source))?;
         Ok(tmp)
     }
 
