@@ -21,9 +21,11 @@ mkdir -p "$out/unet"
   -o "$out/unet/model.onnx" | tee "$out/edit.txt"
 
 tiles=()
+labels=()
 for prompt in "a circle" "a square"; do
   for unet in "$model/unet/model.onnx" "$out/unet/model.onnx"; do
     tag=$([ "$unet" = "$model/unet/model.onnx" ] && echo before || echo after)
+    labels+=(--row-label "\"$prompt\", $tag")
     for s in "${seeds[@]}"; do
       f="$out/${prompt// /-}-$tag-$s.png"
       "$bin" -q generate --model "$model" --unet "$unet" --prompt "$prompt" --seed "$s" \
@@ -32,7 +34,9 @@ for prompt in "a circle" "a square"; do
     done
   done
 done
-"$bin" grid "${tiles[@]}" --cols "${#seeds[@]}" --scale 3 -o "$out/before-after.png" >/dev/null
+"$bin" grid "${tiles[@]}" --cols "${#seeds[@]}" --scale 3 "${labels[@]}" \
+  --heading "seeds ${seeds[0]} to ${seeds[-1]}, the same before and after the edit" \
+  -o "$out/before-after.png" >/dev/null
 
 echo "demo: seeds ${seeds[*]}; rows: \"a circle\" before, after; \"a square\" before, after -> $out/before-after.png"
 echo "demo: $(cat "$out/edit.txt")"

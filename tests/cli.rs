@@ -393,3 +393,60 @@ fn global_flags_come_last_in_each_commands_help() {
     assert!(src < dst && dst < verbose, "{help}");
     assert!(help.contains("Global options:"), "{help}");
 }
+
+#[test]
+fn grid_captions_each_row_and_refuses_a_wrong_count() {
+    use time_onnx::pipeline::png::{read_png, write_png};
+    let dir = tempfile::tempdir().unwrap();
+    let tiles: Vec<_> = (0..4)
+        .map(|k| {
+            let p = dir.path().join(format!("t{k}.png"));
+            let img = ndarray::Array3::from_elem((32, 32, 3), 0.5f32);
+            write_png(&p, img.view(), &[]).unwrap();
+            p
+        })
+        .collect();
+    let grid = |extra: &[&str], out: &str| {
+        time_onnx()
+            .arg("grid")
+            .args(&tiles)
+            .args(["--cols", "2", "-o"])
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let plain = grid(&[], "plain.png");
+    assert!(plain.status.success());
+    let captioned = grid(
+        &[
+            "--row-label",
+            "a circle",
+            "--row-label",
+            "a square",
+            "--heading",
+            "before",
+        ],
+        "captioned.png",
+    );
+    assert!(captioned.status.success(), "{captioned:?}");
+    let (p, c) = (
+        read_png(&dir.path().join("plain.png")).unwrap(),
+        read_png(&dir.path().join("captioned.png")).unwrap(),
+    );
+    assert!(
+        c.dim().0 > p.dim().0 && c.dim().1 > p.dim().1,
+        "{:?} {:?}",
+        c.dim(),
+        p.dim()
+    );
+    // The caption margins hold black ink; the tiles are mid grey.
+    assert!(c.iter().any(|&v| v == 0.0));
+
+    let wrong = grid(&["--row-label", "only one"], "wrong.png");
+    assert_eq!(wrong.status.code(), Some(1));
+    let err = String::from_utf8(wrong.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--row-label: 1 given for 2 rows"), "{err}");
+    assert!(!dir.path().join("wrong.png").exists());
+}

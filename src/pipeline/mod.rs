@@ -3,10 +3,11 @@
 //! ([`schedulers`]) and the guided denoising loop ([`denoise`]) with its
 //! seeded noise ([`rng`]), the VAE decoder ([`vae`]), the safety checker
 //! ([`safety`], with CLIP's image preprocessing in [`clip_image`]), and PNG
-//! and .npy files ([`png`]). [`crate::workflow::generate`] wires them.
+//! and .npy files ([`png`]), with captions on grids ([`label`]). [`crate::workflow::generate`] wires them.
 
 pub mod clip_image;
 pub mod denoise;
+pub mod label;
 pub mod memory;
 pub mod model;
 pub mod png;

@@ -20,9 +20,9 @@ use crate::edit::Operator;
 use crate::edit::record;
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
 use crate::pipeline::denoise::Guidance;
-use crate::pipeline::png;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
+use crate::pipeline::{label, png};
 use crate::runtime::{LoadError, Runtime, SessionOptions};
 use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest};
 use crate::workflow::generate::{GenerateError, Generator, Params};
@@ -330,8 +330,9 @@ struct RowScorer<'a> {
     batch: usize,
 }
 
-/// The first images of each prompt, per variant, for a row's grid.
-type GridImages = Vec<(Variant, Vec<Array3<f32>>)>;
+/// The first images of each prompt (named by the prompt the unedited model
+/// was given), per variant, for a row's grid.
+type GridImages = Vec<(Variant, String, Vec<Array3<f32>>)>;
 
 impl RowScorer<'_> {
     /// Every prompt of `row` on the unedited model, the model edited by
@@ -361,6 +362,7 @@ impl RowScorer<'_> {
                     let keep = images.shape()[0].min(4);
                     grid_images.push((
                         variant,
+                        original.clone(),
                         images
                             .axis_iter(Axis(0))
                             .take(keep)
@@ -572,27 +574,23 @@ pub fn markdown(report: &Report) -> String {
         ));
     }
     out.push_str(
-        "\nGrids: `row-NN.png`, one line per prompt (source, positives, negatives), the first \
-                  seeds unedited on the left, edited on the right.\n",
+        "\nGrids: `row-NN.png`, one line per prompt (source, positives, negatives), captioned \
+                  with it, the first seeds unedited on the left, edited on the right.\n",
     );
     out
 }
 
-/// One line per prompt: its first images unedited, then edited.
-fn write_grid(path: &Path, images: &[(Variant, Vec<Array3<f32>>)]) -> Result<(), EvalJobError> {
-    let unedited: Vec<_> = images
-        .iter()
-        .filter(|(v, _)| *v == Variant::Unedited)
-        .collect();
-    let edited: Vec<_> = images
-        .iter()
-        .filter(|(v, _)| *v == Variant::Edited)
-        .collect();
-    let cols = unedited.first().map_or(0, |(_, i)| i.len());
+/// One line per prompt, captioned with it: its first images unedited, then
+/// edited, under those two headings.
+fn write_grid(path: &Path, images: &GridImages) -> Result<(), EvalJobError> {
+    let of = |variant| images.iter().filter(move |(v, _, _)| *v == variant);
+    let cols = of(Variant::Unedited).next().map_or(0, |(_, _, i)| i.len());
     let mut tiles = Vec::new();
-    for (u, e) in unedited.iter().zip(&edited) {
-        tiles.extend(u.1.iter().cloned());
-        tiles.extend(e.1.iter().cloned());
+    let mut rows = Vec::new();
+    for ((_, prompt, u), (_, _, e)) in of(Variant::Unedited).zip(of(Variant::Edited)) {
+        tiles.extend(u.iter().cloned());
+        tiles.extend(e.iter().cloned());
+        rows.push(shortened(prompt, 40));
     }
     // Small models draw small images: enlarge tiles to at least 96 pixels (nearest neighbour).
     let side = tiles.first().map_or(1, |t| t.shape()[0].max(1));
@@ -601,8 +599,24 @@ fn write_grid(path: &Path, images: &[(Variant, Vec<Array3<f32>>)]) -> Result<(),
     let Some(grid) = png::grid(&tiles, 2 * cols, 2) else {
         return Ok(());
     };
+    let (h, w, _) = tiles[0].dim();
+    let captions = label::Captions {
+        rows,
+        headings: vec!["unedited".into(), "edited".into()],
+    };
+    let grid = label::caption(&grid, (h, w), 2 * cols, 2, &captions);
     png::write_png(path, grid.view(), &[]).map_err(|source| EvalJobError::Io {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// `text` cut to `max` characters, ending in "..." when cut.
+fn shortened(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(3)).collect();
+    cut.push_str("...");
+    cut
 }
