@@ -139,10 +139,21 @@ def machine_facts(tmp: Path, modules: tuple[str, ...] = ("onnx", "onnxruntime", 
         "kernel": platform.release(),
         "rustc": sh("rustc --version"),
         "python": platform.python_version(),
+        "flags": cpu_flags(),
     }
     for m in modules:
         facts[m] = importlib.import_module(m).__version__
     return facts
+
+
+def cpu_flags() -> str:
+    """The vector-unit flags a speed figure depends on (AVX2, AVX-512 parts, AMX), from /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            keep = [f for f in line.split(":", 1)[1].split()
+                    if f in ("avx", "avx2", "fma") or f.startswith(("avx512", "amx", "avx_vnni"))]
+            return " ".join(keep) or "no AVX"
+    return "?"
 
 
 def build_time_onnx(rev: str | None) -> tuple[Path, str, float]:

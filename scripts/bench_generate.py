@@ -284,7 +284,7 @@ def render(results: list[dict], facts: dict, command: str, runs: int, threads: i
     out = ["## generate", ""]
     out.append(f"Measured {today} with `{command}`; time-onnx built from {build_what}.")
     out.append("")
-    out.append(f"Machine: {facts['nproc']} cores (`nproc`), {facts['cpu']}, {facts['mem']} RAM, "
+    out.append(f"Machine: {facts['nproc']} cores (`nproc`), {facts['cpu']} (flags: {facts['flags']}), {facts['mem']} RAM, "
                f"output folder `{tmp.relative_to(REPO) if tmp.is_relative_to(REPO) else tmp}` on {facts['fs']}, "
                f"Linux {facts['kernel']}; {facts['rustc']}; Python {facts['python']}, diffusers {facts['diffusers']}, "
                f"onnxruntime {facts['onnxruntime']} (time-onnx loads the same version's library), torch "
