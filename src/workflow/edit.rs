@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array3, Axis, s};
@@ -188,10 +189,18 @@ pub fn run_with_progress(
 ) -> Result<EditReport, EditJobError> {
     let mut clock = Clock::start();
     check(req)?;
+    // The operator file records the text encoder's fingerprint: hash its
+    // weights (one core, ~0.3 s for SD's) while the tokenizer loads and ONNX
+    // Runtime builds the text encoder's session, both mostly on one core.
+    let fingerprint = req.save_operator.as_ref().map(|_| {
+        let path = req.text_encoder.clone();
+        std::thread::spawn(move || weights_fingerprint(&Model::open(&path)?))
+    });
     let unet = match &req.unet {
         Some(path) => Some(open_unet(path, req.output.as_deref())?),
         None => None,
     };
+    let encoder = OpeningEncoder::start(req);
     let previous = unet
         .as_ref()
         .map(|(m, _)| previous_records(m))
@@ -207,7 +216,7 @@ pub fn run_with_progress(
         _ => None,
     };
     progress(Progress::TextEncoder);
-    let emb = embed(req, &text, copying.is_some())?;
+    let emb = embed(encoder, &text)?;
     clock.lap("text encoder");
     let n = text.pairs.len();
     let operator = edit::solve(
@@ -226,8 +235,12 @@ pub fn run_with_progress(
         augmentations: req.augmentations.clone(),
         tool: record::tool(),
     };
-    if let Some(path) = &req.save_operator {
-        save_operator(req, &operator, &record, path)?;
+    if let (Some(path), Some(fingerprint)) = (&req.save_operator, fingerprint) {
+        // A panic in the hashing thread is a bug: passed on as it is.
+        let fingerprint = fingerprint
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        save_operator(req, &operator, &record, fingerprint, path)?;
         clock.lap("save operator");
     }
 
@@ -340,23 +353,60 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     Ok(Tokens { pairs, maps, ids })
 }
 
-/// Every prompt through the text encoder in one run: `[2·pairs, 77, d] f32`,
-/// sources first, checked finite.
+/// The text encoder's session, being built on another thread while the
+/// tokenizer loads and the prompts align (ONNX Runtime spends over a second
+/// on it, mostly on one core).
 ///
-/// `beside_copy`: a copy is running in the background and keeps one core
-/// busy. The text encoder then runs on one thread: with two, ONNX Runtime's
-/// worker spins against the copy for the one free core, which slowed both
-/// (measured on the full-size model: the edit took 1.5–1.6 s this way, up to
-/// 2.4 s with two threads).
-fn embed(req: &EditRequest, text: &Tokens, beside_copy: bool) -> Result<Array3<f32>, EditJobError> {
-    let rt = Runtime::load()?;
-    let opts = SessionOptions {
-        device: Device::Cpu,
-        threads: beside_copy.then_some(1),
-        ..SessionOptions::default()
-    };
-    // The session (and its spinning thread pool) is freed before the BLAS work.
-    let emb = TextEncoder::open(&rt, &req.text_encoder, opts)?.embed(&text.ids)?;
+/// Dropped unused, because an earlier step failed, it waits for the thread:
+/// a process must not exit while ONNX Runtime is still building a session
+/// (its library's teardown would run under it).
+struct OpeningEncoder(Option<JoinHandle<Result<(Runtime, TextEncoder), EditJobError>>>);
+
+impl OpeningEncoder {
+    /// When the UNet's bulk will be copied in the background (an output is
+    /// written), the text encoder runs on one thread: with two, ONNX
+    /// Runtime's worker spins against the copy for the one free core, which
+    /// slowed both (measured on the full-size model: the edit took 1.5–1.6 s
+    /// this way, up to 2.4 s with two threads).
+    fn start(req: &EditRequest) -> Self {
+        let path = req.text_encoder.clone();
+        let beside_copy = req.unet.is_some() && req.output.is_some();
+        Self(Some(std::thread::spawn(move || {
+            let rt = Runtime::load()?;
+            let opts = SessionOptions {
+                device: Device::Cpu,
+                threads: beside_copy.then_some(1),
+                ..SessionOptions::default()
+            };
+            let encoder = TextEncoder::open(&rt, &path, opts)?;
+            Ok((rt, encoder))
+        })))
+    }
+
+    /// The session, once built. A panic in the thread is a bug: passed on.
+    fn wait(mut self) -> Result<(Runtime, TextEncoder), EditJobError> {
+        let thread = self.0.take().expect("waited for once");
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for OpeningEncoder {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Every prompt through the text encoder in one run: `[2·pairs, 77, d] f32`,
+/// sources first, checked finite. The session (and its spinning thread
+/// pool) is freed before the BLAS work.
+fn embed(encoder: OpeningEncoder, text: &Tokens) -> Result<Array3<f32>, EditJobError> {
+    let (_rt, mut encoder) = encoder.wait()?;
+    let emb = encoder.embed(&text.ids)?;
+    drop(encoder);
     let n = text.pairs.len();
     for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
         if row.iter().any(|v| !v.is_finite()) {
@@ -378,6 +428,7 @@ fn save_operator(
     req: &EditRequest,
     operator: &Operator,
     record: &EditRecord,
+    fingerprint: String,
     path: &Path,
 ) -> Result<(), EditJobError> {
     let meta = OperatorMeta {
@@ -387,7 +438,7 @@ fn save_operator(
         augmentations: req.augmentations.clone(),
         tool: record.tool.clone(),
         width: operator.dim(),
-        text_encoder: weights_fingerprint(&Model::open(&req.text_encoder)?)?,
+        text_encoder: fingerprint,
     };
     Ok(operator_file::save(path, operator, &meta)?)
 }
