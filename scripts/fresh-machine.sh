@@ -50,6 +50,14 @@ deb $MIRROR bookworm-updates main
 deb $SECURITY bookworm-security main
 EOF
 cp /etc/resolv.conf "$fs/etc/resolv.conf"
+# The host's registry access belongs to the machine, not to the project: extra CA
+# certificates (a TLS-inspecting egress proxy) and pip's settings are copied in;
+# ca-certificates, installed by setup.sh, picks the certificates up.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$fs/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$fs/usr/local/share/ca-certificates/"
+fi
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$fs/etc/pip.conf"
 mount -t proc proc "$fs/proc"
 mount -t sysfs sys "$fs/sys"
 mount --bind /dev "$fs/dev"
@@ -78,7 +86,7 @@ read -r t_test s_test < <(run test scripts/test.sh)
 rust=$(inside 'cargo --version; rustc --version' | paste -sd ';' | sed 's/;/; /')
 
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
-flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|avx2|avx512[a-z_0-9]*|fma|amx[a-z_]*)$' | paste -sd ' ')
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|avx2|avx512[a-z_0-9]*|avx_vnni|fma|amx[a-z_0-9]*)$' | paste -sd ' ')
 doc=$ROOT/docs/fresh-machine.md
 mkdir -p "$ROOT/docs"
 {
