@@ -721,11 +721,12 @@ fn missing_output_folders_are_created_read_only_ones_refused() {
     assert!(o.status.success(), "missing folder: {}", stderr(&o));
     assert!(out.exists() && out.with_file_name("out.onnx_data").exists());
 
-    // Root ignores permissions: run as nobody then (setpriv, util-linux).
+    // Root ignores permissions: drop the two capabilities that let it
+    // (setpriv, util-linux) and stay root, so that the fixtures stay readable
+    // wherever the checkout lives (/root is 0700 on a fresh machine).
     let ro = dir.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     let cmd = edit_cmd(
         &optimum_unet(),
@@ -735,16 +736,14 @@ fn missing_output_folders_are_created_read_only_ones_refused() {
     );
     // SAFETY: geteuid has no preconditions.
     let o = if unsafe { libc::geteuid() } == 0 {
-        // ONNX Runtime keeps a telemetry id under $HOME and warns when it
-        // cannot: give nobody a writable one.
-        let home = dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let caps = "-dac_override,-dac_read_search";
         let mut c = Command::new("setpriv");
-        c.env("HOME", &home)
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
+        c.args([
+            format!("--bounding-set={caps}"),
+            format!("--inh-caps={caps}"),
+        ])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
         match c.output() {
             Ok(o) => o,
             Err(e) => {

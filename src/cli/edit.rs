@@ -87,11 +87,15 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         text_encoder.unwrap_or_else(|| model_dir.join("text_encoder").join("model.onnx"));
     let tokenizer = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer"));
     for (what, path) in [("text encoder", &text_encoder), ("tokenizer", &tokenizer)] {
-        if !path.exists() {
-            bail!(
+        // `exists()` folds "cannot look" into "absent"; a folder the user
+        // cannot read deserves its own words.
+        match path.try_exists() {
+            Ok(true) => {}
+            Ok(false) => bail!(
                 "{what} not found at {} (give --model, --text-encoder or --tokenizer)",
                 path.display()
-            );
+            ),
+            Err(e) => bail!("cannot look for the {what} at {}: {e}", path.display()),
         }
     }
     let augmentations = match (no_augs, augs.is_empty()) {
