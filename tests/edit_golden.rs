@@ -9,10 +9,12 @@ mod common;
 use common::{FIXTURES, edit_request};
 use serde_json::Value;
 use time_onnx::edit::Targets;
+use time_onnx::edit::record::PromptPair;
 use time_onnx::onnx::Model;
 use time_onnx::onnx::cross_attention::{self, Role};
 use time_onnx::onnx::module_paths::UnetLayout;
-use time_onnx::workflow::edit::{EditRequest, run};
+use time_onnx::workflow::edit::{EditRequest, Preserve, run};
+use time_onnx::workflow::prior::{self as prior_flow, PriorRequest};
 
 /// Tolerance relative to each weight's largest magnitude. fp32 flavours: our
 /// f32 embeddings (ONNX text encoder, within 1.3e-6 of torch's f64 ones) and
@@ -34,7 +36,12 @@ fn cases() -> Vec<Value> {
 }
 
 fn golden(file: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(format!("{FIXTURES}/goldens/time/{file}")).unwrap();
+    f64_tensors(&format!("{FIXTURES}/goldens/time/{file}"))
+}
+
+/// Every float64 tensor of a golden file whose key ends in `.weight`.
+fn f64_tensors(path: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
@@ -114,7 +121,6 @@ fn request(
 }
 
 fn check_flavour(flavour: &str) {
-    let tol = tolerance(flavour);
     let packed = packed_names();
     for case in cases() {
         let name = case["name"].as_str().unwrap();
@@ -136,37 +142,164 @@ fn check_flavour(flavour: &str) {
             assert_eq!(report.previous.len(), i, "{flavour}/{name}: edit history");
             unet = out;
         }
-        let ours = saved(&weights);
         let expected = golden(case["files"]["f64"].as_str().unwrap());
-        let mut worst = 0.0f64;
-        for (key, (shape, want)) in &expected {
-            let ours_key = if flavour == "ort-packed-kv" {
-                // "MatMul_KV_i_weight.to_k.weight" ↔ the i-th module in graph order.
-                let module = key.rsplitn(3, '.').nth(2).unwrap();
-                let i = packed.iter().position(|m| m == module).unwrap();
-                let suffix = &key[module.len()..];
-                format!("MatMul_KV_{i}_weight{suffix}")
-            } else {
-                key.clone()
-            };
-            let (got_shape, got) = ours
-                .get(&ours_key)
-                .unwrap_or_else(|| panic!("{flavour}/{name}: no {ours_key}"));
-            assert_eq!(got_shape, shape, "{flavour}/{name}: {key}");
-            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let err = got
-                .iter()
-                .zip(want)
-                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-                / scale;
-            worst = worst.max(err);
-            assert!(
-                err <= tol,
-                "{flavour}/{name}: {key} off by {err:.2e} of its max (tolerance {tol:e})"
-            );
-        }
-        eprintln!("{flavour}/{name}: worst relative error {worst:.2e}");
+        compare(flavour, name, &saved(&weights), &expected, &packed);
     }
+}
+
+/// Our saved weights against the golden ones, within the flavour's tolerance.
+fn compare(
+    flavour: &str,
+    name: &str,
+    ours: &HashMap<String, (Vec<usize>, Vec<f64>)>,
+    expected: &HashMap<String, (Vec<usize>, Vec<f64>)>,
+    packed: &[String],
+) {
+    let tol = tolerance(flavour);
+    let mut worst = 0.0f64;
+    for (key, (shape, want)) in expected {
+        let ours_key = if flavour == "ort-packed-kv" {
+            // "MatMul_KV_i_weight.to_k.weight" ↔ the i-th module in graph order.
+            let module = key.rsplitn(3, '.').nth(2).unwrap();
+            let i = packed.iter().position(|m| m == module).unwrap();
+            let suffix = &key[module.len()..];
+            format!("MatMul_KV_{i}_weight{suffix}")
+        } else {
+            key.clone()
+        };
+        let (got_shape, got) = ours
+            .get(&ours_key)
+            .unwrap_or_else(|| panic!("{flavour}/{name}: no {ours_key}"));
+        assert_eq!(got_shape, shape, "{flavour}/{name}: {key}");
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        worst = worst.max(err);
+        assert!(
+            err <= tol,
+            "{flavour}/{name}: {key} off by {err:.2e} of its max (tolerance {tol:e})"
+        );
+    }
+    eprintln!("{flavour}/{name}: worst relative error {worst:.2e}");
+}
+
+/// Edits solved together, with and without UCE's preservation term, against
+/// the published formula in numpy float64 (scripts/golden_uce.py).
+fn check_uce(flavour: &str) {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/goldens/uce/cases.json")).unwrap();
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let all = f64_tensors(&format!("{FIXTURES}/goldens/uce/uce.f64.safetensors"));
+    let packed = packed_names();
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for case in index["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("weights.safetensors");
+        let edits: Vec<PromptPair> = case["edits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| PromptPair {
+                source: e["source"].as_str().unwrap().into(),
+                destination: e["destination"].as_str().unwrap().into(),
+            })
+            .collect();
+        let (preserve, preserve_scale) = match case["preserve_scale"].as_f64() {
+            Some(s) => (Preserve::Prompts(strings(&case["preserved"])), s),
+            None => (Preserve::Nothing, 0.0),
+        };
+        let req = EditRequest {
+            unet: Some(PathBuf::from(format!(
+                "{FIXTURES}/sd-tiny/{flavour}/unet/model.onnx"
+            ))),
+            output: Some(tmp.path().join("unet.onnx")),
+            lambda: case["lambda"].as_f64().unwrap(),
+            augmentations: strings(&case["augmentations"]),
+            save_weights: Some(weights.clone()),
+            edits,
+            preserve,
+            preserve_scale,
+            ..edit_request(flavour, "unused", "unused")
+        };
+        let report = run(&req).unwrap_or_else(|e| panic!("{flavour}/{name}: {e}"));
+        assert_eq!(
+            report.record.pairs().len(),
+            req.edits.len(),
+            "{flavour}/{name}: the record lists every pair"
+        );
+        let prefix = format!("{name}.");
+        let expected = all
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.clone())))
+            .collect();
+        compare(flavour, name, &saved(&weights), &expected, &packed);
+    }
+}
+
+#[test]
+fn edits_together_and_preserved_match_the_formula_optimum() {
+    check_uce("optimum");
+}
+
+#[test]
+fn edits_together_and_preserved_match_the_formula_fp16() {
+    check_uce("fp16");
+}
+
+#[test]
+fn edits_together_and_preserved_match_the_formula_packed_kv() {
+    check_uce("ort-packed-kv");
+}
+
+/// `time-onnx prior`'s Cₚ against numpy's Σ cₚcₚᵀ from torch float64
+/// embeddings.
+#[test]
+fn prior_matches_the_formula() {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/goldens/uce/cases.json")).unwrap();
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let prompts: Vec<String> = index["prior"]["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    let bytes = std::fs::read(format!("{FIXTURES}/goldens/uce/uce.f64.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: Vec<f64> = st
+        .tensor("prior")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/optimum"));
+    let req = PriorRequest {
+        text_encoder: dir.join("text_encoder/model.onnx"),
+        tokenizer: dir.join("tokenizer"),
+        prompts: prompts.clone(),
+        output: tmp.path().join("prior.safetensors"),
+    };
+    prior_flow::run(&req).unwrap();
+    let (prior, meta) = time_onnx::edit::prior::load(&req.output).unwrap();
+    assert_eq!(meta.prompts, prompts.len());
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = prior
+        .gram()
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    assert!(err <= 1e-5, "prior off by {err:.2e} of its max");
 }
 
 #[test]

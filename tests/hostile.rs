@@ -1069,3 +1069,113 @@ fn generation_with_the_same_seed_gives_identical_images() {
     assert_eq!(first, run("b.npy", "1"));
     assert_eq!(first, run("c.npy", "2"), "thread count changed the image");
 }
+
+/// Bad edit lists, prompt lists and priors: one line naming the problem, no output.
+#[test]
+fn bad_edit_lists_and_priors_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let out = dir.path().join("out.onnx");
+    let with = |extra: &[&std::ffi::OsStr]| {
+        let mut c = time_onnx();
+        c.arg("edit")
+            .arg(optimum_unet())
+            .arg("-o")
+            .arg(&out)
+            .arg("--text-encoder")
+            .arg(fixture("optimum/text_encoder/model.onnx"))
+            .arg("--tokenizer")
+            .arg(fixture("tokenizer"))
+            .args(extra);
+        c.output().unwrap()
+    };
+    let good = write("edits.csv", b"src,dst\na rose,a blue rose\n");
+    let cases: Vec<(&str, Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            "edits without columns",
+            vec!["--edits".into(), write("a.csv", b"from,to\na,b\n").into()],
+            "no src,dst columns",
+        ),
+        (
+            "edits with an empty cell",
+            vec![
+                "--edits".into(),
+                write("b.csv", b"src,dst\na rose,\n").into(),
+            ],
+            "line 2",
+        ),
+        (
+            "missing edits file",
+            vec!["--edits".into(), dir.path().join("none.csv").into()],
+            "none.csv",
+        ),
+        (
+            "edit list not text",
+            vec!["--edits".into(), write("c.csv", &[0xff, 0xfe, 0, 1]).into()],
+            "c.csv",
+        ),
+        (
+            "empty preserve list",
+            vec![
+                "--edits".into(),
+                good.clone().into(),
+                "--preserve".into(),
+                write("p.txt", b"# only a comment\n").into(),
+            ],
+            "no prompts",
+        ),
+        (
+            "negative preserve scale",
+            vec![
+                "--edits".into(),
+                good.clone().into(),
+                "--preserve".into(),
+                write("q.txt", b"a cup\n").into(),
+                "--preserve-scale=-1".into(),
+            ],
+            "preservation scale",
+        ),
+        (
+            "not a prior",
+            vec![
+                "--edits".into(),
+                good.clone().into(),
+                "--prior".into(),
+                write("prior.safetensors", b"garbage").into(),
+            ],
+            "is not a time-onnx preservation prior",
+        ),
+    ];
+    for (case, args, want) in cases {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let o = with(&args);
+        let err = assert_clean_error(&o, case);
+        assert!(err.contains(want), "{case}: {err}");
+        assert!(!out.exists(), "{case}: output written");
+    }
+
+    // A prior from another text encoder is refused by name.
+    let mut prior = time_onnx::edit::prior::Prior::empty(16);
+    prior.add(ndarray::Array3::<f32>::ones((1, 77, 16)).view());
+    let foreign = dir.path().join("foreign.safetensors");
+    let meta = time_onnx::edit::prior::PriorMeta {
+        prompts: 1,
+        width: 16,
+        text_encoder: "0".repeat(64),
+        tool: "test".into(),
+    };
+    time_onnx::edit::prior::save(&foreign, &prior, &meta).unwrap();
+    let o = with(&[
+        "--edits".as_ref(),
+        good.as_os_str(),
+        "--prior".as_ref(),
+        foreign.as_os_str(),
+    ]);
+    let err = assert_clean_error(&o, "foreign prior");
+    assert!(err.contains("another text encoder"), "{err}");
+    assert!(!out.exists(), "foreign prior: output written");
+}

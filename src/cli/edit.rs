@@ -7,8 +7,10 @@ use clap::Args;
 use std::io::{IsTerminal, Write};
 use time_onnx::edit::{DEFAULT_AUGMENTATIONS, Targets};
 
+use time_onnx::edit::record::PromptPair;
+use time_onnx::eval::dataset::{read_edit_pairs, read_prompts};
 use time_onnx::onnx::summary::human_bytes;
-use time_onnx::workflow::edit::{self, EditReport, EditRequest, Progress};
+use time_onnx::workflow::edit::{self, EditReport, EditRequest, Preserve, Progress};
 
 use super::finite;
 
@@ -20,11 +22,23 @@ pub struct EditArgs {
     #[arg(required_unless_present = "save_operator")]
     unet: Option<PathBuf>,
     /// The source prompt: what the model assumes, e.g. "A pack of roses".
-    #[arg(long)]
-    src: String,
+    #[arg(long, required_unless_present = "edits", requires = "dst")]
+    src: Option<String>,
     /// The destination prompt: the same words plus what it should assume, e.g. "A pack of blue roses".
-    #[arg(long)]
-    dst: String,
+    #[arg(long, requires = "src")]
+    dst: Option<String>,
+    /// Many edits solved together into one: a CSV with src,dst columns (TIMED's old,new accepted).
+    #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["src", "dst"])]
+    edits: Option<PathBuf>,
+    /// Prompts the edit must leave alone, one a line (UCE's preservation term).
+    #[arg(long, value_name = "FILE")]
+    preserve: Option<PathBuf>,
+    /// A preservation prior written by `time-onnx prior` for this text encoder.
+    #[arg(long, value_name = "FILE.safetensors", conflicts_with = "preserve")]
+    prior: Option<PathBuf>,
+    /// Weight of the preservation term (UCE's preserve_scale).
+    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_PRESERVE_SCALE, value_parser = finite)]
+    preserve_scale: f64,
     /// Where to write the edited UNet (external data, if any, goes beside it as <name>_data).
     #[arg(short, long, required_unless_present_any = ["dry_run", "save_operator"], requires = "unet")]
     output: Option<PathBuf>,
@@ -66,6 +80,10 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         unet,
         src,
         dst,
+        edits,
+        preserve,
+        prior,
+        preserve_scale,
         output,
         model,
         text_encoder,
@@ -86,18 +104,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let text_encoder =
         text_encoder.unwrap_or_else(|| model_dir.join("text_encoder").join("model.onnx"));
     let tokenizer = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer"));
-    for (what, path) in [("text encoder", &text_encoder), ("tokenizer", &tokenizer)] {
-        // `exists()` folds "cannot look" into "absent"; a folder the user
-        // cannot read deserves its own words.
-        match path.try_exists() {
-            Ok(true) => {}
-            Ok(false) => bail!(
-                "{what} not found at {} (give --model, --text-encoder or --tokenizer)",
-                path.display()
-            ),
-            Err(e) => bail!("cannot look for the {what} at {}: {e}", path.display()),
-        }
-    }
+    require_text_side(&text_encoder, &tokenizer)?;
     let augmentations = match (no_augs, augs.is_empty()) {
         (true, _) => Vec::new(),
         (false, true) => DEFAULT_AUGMENTATIONS
@@ -112,8 +119,15 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         save_operator: if dry_run { None } else { save_operator },
         text_encoder,
         tokenizer,
-        source: src,
-        destination: dst,
+        edits: edit_pairs(src, dst, edits.as_deref())?,
+        preserve: match (preserve, prior) {
+            (Some(path), _) => Preserve::Prompts(
+                read_prompts(&path).with_context(|| format!("--preserve {}", path.display()))?,
+            ),
+            (None, Some(path)) => Preserve::Prior(path),
+            (None, None) => Preserve::Nothing,
+        },
+        preserve_scale,
         lambda,
         augmentations,
         targets: if values_only {
@@ -151,6 +165,41 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let report = result.with_context(|| format!("editing {what}"))?;
     print_report(&report, dry_run, req.save_operator.as_deref());
     Ok(())
+}
+
+/// The text encoder and tokenizer paths exist (shared by `edit` and `prior`).
+pub(super) fn require_text_side(text_encoder: &Path, tokenizer: &Path) -> anyhow::Result<()> {
+    for (what, path) in [("text encoder", text_encoder), ("tokenizer", tokenizer)] {
+        // `exists()` folds "cannot look" into "absent"; a folder the user
+        // cannot read deserves its own words.
+        match path.try_exists() {
+            Ok(true) => {}
+            Ok(false) => bail!(
+                "{what} not found at {} (give --model, --text-encoder or --tokenizer)",
+                path.display()
+            ),
+            Err(e) => bail!("cannot look for the {what} at {}: {e}", path.display()),
+        }
+    }
+    Ok(())
+}
+
+/// The pairs to solve: `--src`/`--dst`, or every row of `--edits`.
+fn edit_pairs(
+    src: Option<String>,
+    dst: Option<String>,
+    edits: Option<&Path>,
+) -> anyhow::Result<Vec<PromptPair>> {
+    match (src, dst, edits) {
+        (_, _, Some(path)) => {
+            read_edit_pairs(path).with_context(|| format!("--edits {}", path.display()))
+        }
+        (Some(source), Some(destination), None) => Ok(vec![PromptPair {
+            source,
+            destination,
+        }]),
+        _ => bail!("give --src and --dst, or --edits"),
+    }
 }
 
 /// `<model>/unet/model.onnx` → `<model>`.

@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod grid;
 mod inspect;
+mod prior;
 pub mod signals;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,6 +44,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Show what an ONNX model contains: inputs, outputs, weight storage.
     Inspect(inspect::InspectArgs),
+    /// Embed prompts to preserve into a reusable prior (Σ c cᵀ) for `edit --prior`.
+    Prior(prior::PriorArgs),
     /// Score edits on a TIMED-format dataset: efficacy, generality, specificity (the paper's table).
     Eval(eval::EvalArgs),
     /// Tile PNG images into one, e.g. the same seeds before and after an edit.
@@ -105,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Prior(args) => prior::run(args),
         Command::Grid(args) => grid::run(args),
         Command::Doctor => doctor::run(),
     }

@@ -22,6 +22,7 @@
 
 pub mod align;
 pub mod operator_file;
+pub mod prior;
 pub mod record;
 pub mod solve;
 pub mod weights;
@@ -31,7 +32,7 @@ pub use align::{
     ArticleRule, DEFAULT_AUGMENTATIONS, DEFAULT_LAMBDA, align, align_prompts, augmentation_base,
     prompt_pairs,
 };
-pub use solve::{Change, Operator, solve};
+pub use solve::{Change, DEFAULT_PRESERVE_SCALE, Operator, Preservation, solve, solve_preserving};
 pub use weights::{Targets, WeightError};
 
 use crate::text::TextError;
@@ -112,6 +113,18 @@ pub enum EditError {
         /// The value given.
         lambda: f64,
     },
+    /// An edit needs at least one (source, destination) pair.
+    #[error("no edits given: at least one (source, destination) pair is needed")]
+    NoEdits,
+    /// The preservation scale must be finite and ≥ 0 (0 preserves nothing).
+    #[error("the preservation scale must be finite and >= 0, got {scale}")]
+    BadPreserveScale {
+        /// The value given.
+        scale: f64,
+    },
+    /// A preservation prior with NaN or infinite entries.
+    #[error("the preservation prior has non-finite entries")]
+    NonFinitePrior,
     /// Arrays whose shapes do not fit together.
     #[error("{what}: expected shape {expected:?}, got {actual:?}")]
     Shape {

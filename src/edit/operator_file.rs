@@ -15,6 +15,9 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use super::Operator;
+#[cfg(doc)]
+use super::record::EditRecord;
+use super::record::{PreservationRecord, PromptPair};
 
 /// The metadata key holding [`OperatorMeta`] as JSON.
 const META_KEY: &str = "time_onnx.operator";
@@ -22,10 +25,16 @@ const META_KEY: &str = "time_onnx.operator";
 /// What an operator file records besides A.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OperatorMeta {
-    /// Source prompt.
+    /// Source prompt (of the first pair).
     pub source: String,
     /// Destination prompt.
     pub destination: String,
+    /// Every pair, when several were solved together (see [`EditRecord::edits`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<PromptPair>,
+    /// The preservation term, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation: Option<PreservationRecord>,
     /// λ.
     pub lambda: f64,
     /// Augmentation prefixes used.

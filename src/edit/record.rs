@@ -9,13 +9,39 @@ use crate::onnx::Model;
 /// Prefix of the `metadata_props` keys that record edits, numbered from 1.
 pub const RECORD_KEY: &str = "time_onnx.edit.";
 
-/// One edit, as recorded.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EditRecord {
+/// One (source, destination) pair of an edit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptPair {
     /// Source prompt.
     pub source: String,
     /// Destination prompt.
     pub destination: String,
+}
+
+/// What an edit was told to leave alone (UCE's preservation term).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreservationRecord {
+    /// How many prompts the preservation prior sums.
+    pub prompts: usize,
+    /// Its scale s.
+    pub scale: f64,
+}
+
+/// One edit, as recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EditRecord {
+    /// Source prompt (of the first pair, when several were solved together).
+    pub source: String,
+    /// Destination prompt (of the first pair).
+    pub destination: String,
+    /// Every pair solved together, when there were several (the first being
+    /// `source` → `destination`); empty for one pair, as records were
+    /// before edits came in sets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<PromptPair>,
+    /// The preservation term, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation: Option<PreservationRecord>,
     /// λ.
     pub lambda: f64,
     /// Whether keys were edited along with values.
@@ -32,6 +58,18 @@ pub fn tool() -> String {
 }
 
 impl EditRecord {
+    /// Every (source, destination) pair of the edit, in order.
+    pub fn pairs(&self) -> Vec<PromptPair> {
+        if self.edits.is_empty() {
+            vec![PromptPair {
+                source: self.source.clone(),
+                destination: self.destination.clone(),
+            }]
+        } else {
+            self.edits.clone()
+        }
+    }
+
     /// The `metadata_props` entry for this record as the `n`-th edit (from 1).
     pub fn metadata_entry(&self, n: usize) -> Result<(String, String), serde_json::Error> {
         Ok((format!("{RECORD_KEY}{n}"), serde_json::to_string(self)?))

@@ -191,10 +191,43 @@ pub fn solve<T: Copy + Into<f64>>(
     maps: &[Vec<usize>],
     lambda: f64,
 ) -> Result<Operator, EditError> {
+    solve_preserving(src, dst, maps, lambda, None)
+}
+
+/// UCE's default preservation scale (`preserve_scale`, unified-concept-editing
+/// `train-scripts/train_erase.py`).
+pub const DEFAULT_PRESERVE_SCALE: f64 = 0.1;
+
+/// What an edit must leave alone: UCE's preservation term s·Cₚ, with
+/// Cₚ = Σ cₚcₚᵀ over every position of every preserved prompt (a
+/// [`super::prior::Prior`]) and s its scale.
+#[derive(Clone, Copy, Debug)]
+pub struct Preservation<'a> {
+    /// Cₚ `[d, d] f64`, symmetric positive semi-definite.
+    pub gram: ArrayView2<'a, f64>,
+    /// s ≥ 0 (UCE's `preserve_scale`).
+    pub scale: f64,
+}
+
+/// [`solve`] with UCE's preservation term (Gandikota et al. 2024):
+/// W' = (λW + Σ W c*cᵀ + s·Σ W cₚcₚᵀ)(λI + Σ ccᵀ + s·Σ cₚcₚᵀ)⁻¹, which is
+/// W·A with A = N·M⁻¹ as in [`solve`], M and N both gaining s·Cₚ. N − M
+/// does not change, so neither does the factored form of Aᵀ − I; only M
+/// does, and it is then the dense d×d matrix to factor.
+pub fn solve_preserving<T: Copy + Into<f64>>(
+    src: ArrayView3<'_, T>,
+    dst: ArrayView3<'_, T>,
+    maps: &[Vec<usize>],
+    lambda: f64,
+    preserve: Option<Preservation<'_>>,
+) -> Result<Operator, EditError> {
     if !(lambda.is_finite() && lambda > 0.0) {
         return Err(EditError::BadLambda { lambda });
     }
     check_shapes(src, dst, maps)?;
+    if let Some(p) = &preserve {
+        check_preservation(p, src.dim().2)?;
+    }
     let c = source_rows(src)?;
     let c_star = destination_rows(dst, maps)?;
     let d = c.ncols();
@@ -209,7 +242,14 @@ pub fn solve<T: Copy + Into<f64>>(
     // Aᵀ − I = M⁻¹·Σ c (c* − c)ᵀ = B·S with B = M⁻¹·C `[d, k]` (the moved
     // positions' c as columns) and S their shifts as rows `[k, d]`.
     // With B = Q·R: B·S = Q·(R·S), Q orthonormal.
-    let b = inverse_times_moved(&c, &moved, lambda)?;
+    let b = match preserve {
+        None => inverse_times_moved(&c, &moved, lambda)?,
+        Some(p) => {
+            let mut m = regularized_gram(c.view(), lambda);
+            m.scaled_add(p.scale, &p.gram);
+            solve_spd(&m, &c.select(Axis(0), &moved).reversed_axes(), lambda)?
+        }
+    };
     let (q, r) = b
         .qr()
         .map_err(|source| EditError::Factorization { source })?;
@@ -247,6 +287,24 @@ fn inverse_times_moved(
         let m = regularized_gram(c.view(), lambda);
         solve_spd(&m, &c.select(Axis(0), moved).reversed_axes(), lambda)
     }
+}
+
+/// Cₚ `[d, d]` and finite, s finite and ≥ 0.
+fn check_preservation(p: &Preservation<'_>, d: usize) -> Result<(), EditError> {
+    if p.gram.dim() != (d, d) {
+        return Err(EditError::Shape {
+            what: "preservation prior",
+            expected: vec![d, d],
+            actual: p.gram.shape().to_vec(),
+        });
+    }
+    if !(p.scale.is_finite() && p.scale >= 0.0) {
+        return Err(EditError::BadPreserveScale { scale: p.scale });
+    }
+    if p.gram.iter().any(|v| !v.is_finite()) {
+        return Err(EditError::NonFinitePrior);
+    }
+    Ok(())
 }
 
 /// `src` and `dst` `[pairs, seq, d]` alike, d > 0, one map of `seq` entries
@@ -460,7 +518,58 @@ mod tests {
         mat1.dot(&mat2.inv().unwrap())
     }
 
+    /// UCE's formula, literally: W' = (λW + Σ (W c*) cᵀ + s Σ W cₚcₚᵀ)
+    /// (λI + Σ c cᵀ + s Σ cₚcₚᵀ)⁻¹, from the preserved rows cₚ themselves.
+    fn naive_preserving_edit(case: &Case, kept: &Array2<f64>, scale: f64) -> Array2<f64> {
+        let (pairs, seq, d) = case.src.dim();
+        let mut mat1 = &case.w * case.lambda;
+        let mut mat2 = Array2::<f64>::eye(d) * case.lambda;
+        let mut add = |c: ndarray::ArrayView1<f64>, target: ndarray::ArrayView1<f64>, s: f64| {
+            let v = case.w.dot(&target);
+            for r in 0..v.len() {
+                for k in 0..d {
+                    mat1[[r, k]] += s * v[r] * c[k];
+                }
+            }
+            for a in 0..d {
+                for b in 0..d {
+                    mat2[[a, b]] += s * c[a] * c[b];
+                }
+            }
+        };
+        for p in 0..pairs {
+            for i in 0..seq {
+                let c = case.src.slice(s![p, i, ..]);
+                add(c, case.dst.slice(s![p, case.maps[p][i], ..]), 1.0);
+            }
+        }
+        for c in kept.rows() {
+            add(c, c, scale);
+        }
+        mat1.dot(&mat2.inv().unwrap())
+    }
+
     proptest! {
+        #[test]
+        fn preservation_matches_uce_formula(
+            case in case(),
+            kept in proptest::collection::vec(-1.0f64..1.0, 36),
+            scale in 0.0f64..5.0,
+        ) {
+            let d = case.src.dim().2;
+            let kept = Array2::from_shape_vec((6, 6), kept).unwrap().slice(s![.., ..d]).to_owned();
+            let gram = kept.t().dot(&kept);
+            let preserve = Preservation { gram: gram.view(), scale };
+            let op = solve_preserving(case.src.view(), case.dst.view(), &case.maps, case.lambda,
+                Some(preserve)).unwrap();
+            let mut wt = case.w.t().to_owned();
+            op.change().add_to(wt.view_mut());
+            let naive = naive_preserving_edit(&case, &kept, scale).reversed_axes();
+            let scale = naive.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            prop_assert!(max_abs_diff(&wt, &naive) <= 1e-8 * scale,
+                "diff {}", max_abs_diff(&wt, &naive));
+        }
+
         #[test]
         fn matches_the_reference_formula(case in case()) {
             let op = solve(case.src.view(), case.dst.view(), &case.maps, case.lambda).unwrap();
@@ -674,6 +783,46 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn preservation_is_checked() {
+        let (src, dst, maps) = small();
+        let gram = Array2::<f64>::eye(2);
+        let run = |gram: ArrayView2<'_, f64>, scale| {
+            solve_preserving(
+                src.view(),
+                dst.view(),
+                &maps,
+                0.1,
+                Some(Preservation { gram, scale }),
+            )
+        };
+        for scale in [-1.0, f64::NAN, f64::INFINITY] {
+            let err = run(gram.view(), scale).unwrap_err();
+            assert!(matches!(err, EditError::BadPreserveScale { .. }), "{err}");
+        }
+        let wide = Array2::<f64>::eye(3);
+        let err = run(wide.view(), 0.1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditError::Shape {
+                    what: "preservation prior",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut bad = gram.clone();
+        bad[[0, 0]] = f64::NAN;
+        let err = run(bad.view(), 0.1).unwrap_err();
+        assert!(matches!(err, EditError::NonFinitePrior), "{err}");
+        // Scale 0 is the plain edit.
+        assert_eq!(
+            run(gram.view(), 0.0).unwrap(),
+            solve(src.view(), dst.view(), &maps, 0.1).unwrap()
         );
     }
 

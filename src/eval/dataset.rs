@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use super::EvalError;
+use crate::edit::record::PromptPair;
 
 /// One edit and its probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,16 +22,8 @@ pub struct Row {
 /// rows have fewer than five); a missing column or a half-empty pair is an
 /// error naming the line.
 pub fn read(path: &Path) -> Result<Vec<Row>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let bad = |line: usize, why: String| EvalError::Dataset {
-        path: path.to_path_buf(),
-        line,
-        why,
-    };
-    let records = parse_csv(&text).map_err(|(line, why)| bad(line, why))?;
+    let bad = bad_line(path);
+    let records = read_csv(path)?;
     let Some((header, body)) = records.split_first() else {
         return Err(bad(1, "the file is empty".into()));
     };
@@ -89,6 +82,89 @@ pub fn read(path: &Path) -> Result<Vec<Row>, EvalError> {
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Reads a list of edits to solve together: a CSV with `src,dst` columns,
+/// or TIMED's `old,new` (so a TIMED file is an edit list too); other
+/// columns are ignored, blank lines skipped, an empty prompt is an error
+/// naming its line.
+pub fn read_edit_pairs(path: &Path) -> Result<Vec<PromptPair>, EvalError> {
+    let bad = bad_line(path);
+    let records = read_csv(path)?;
+    let Some(((_, header), body)) = records.split_first() else {
+        return Err(bad(1, "the file is empty".into()));
+    };
+    let column = |name: &str| header.iter().position(|h| h.trim() == name);
+    let (src, dst) = match (column("src"), column("dst"), column("old"), column("new")) {
+        (Some(s), Some(d), _, _) | (_, _, Some(s), Some(d)) => (s, d),
+        _ => {
+            return Err(bad(
+                1,
+                "no src,dst columns (nor TIMED's old,new) in the header".into(),
+            ));
+        }
+    };
+    let mut pairs = Vec::new();
+    for (line, cells) in body {
+        if cells.iter().all(|c| c.trim().is_empty()) {
+            continue;
+        }
+        let cell = |i: usize| {
+            cells
+                .get(i)
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let (source, destination) = (cell(src), cell(dst));
+        if source.is_empty() || destination.is_empty() {
+            return Err(bad(*line, "empty source or destination prompt".into()));
+        }
+        pairs.push(PromptPair {
+            source,
+            destination,
+        });
+    }
+    if pairs.is_empty() {
+        return Err(bad(1, "no edits below the header".into()));
+    }
+    Ok(pairs)
+}
+
+/// Reads a prompt list: one prompt a line, blank lines and lines starting
+/// with `#` skipped.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if prompts.is_empty() {
+        return Err(bad_line(path)(1, "no prompts in the file".into()));
+    }
+    Ok(prompts)
+}
+
+/// The error for `path` at a line.
+fn bad_line(path: &Path) -> impl Fn(usize, String) -> EvalError + '_ {
+    move |line, why| EvalError::Dataset {
+        path: path.to_path_buf(),
+        line,
+        why,
+    }
+}
+
+/// The records of the CSV file at `path`.
+fn read_csv(path: &Path) -> Result<Vec<Record>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_csv(&text).map_err(|(line, why)| bad_line(path)(line, why))
 }
 
 /// A CSV record's cells, with the line it starts on.
@@ -151,5 +227,56 @@ mod tests {
         );
         assert_eq!(r[1], (2, vec!["d".into(), "".into(), "multi\nline".into()]));
         assert!(parse_csv("\"open").is_err());
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn edit_lists_take_src_dst_or_old_new() {
+        let pair = |s: &str, d: &str| PromptPair {
+            source: s.into(),
+            destination: d.into(),
+        };
+        let (_d, p) = file("dst,src\n\"a blue circle\",a circle\n\n a red square , a square\n");
+        assert_eq!(
+            read_edit_pairs(&p).unwrap(),
+            vec![
+                pair("a circle", "a blue circle"),
+                pair("a square", "a red square")
+            ]
+        );
+        let (_d, p) = file("old,new,positive1\nA rose,A blue rose,x\n");
+        assert_eq!(
+            read_edit_pairs(&p).unwrap(),
+            vec![pair("A rose", "A blue rose")]
+        );
+        for (text, why) in [
+            ("source,target\na,b\n", "no src,dst columns"),
+            ("src,dst\na,\n", "line 2: empty source or destination"),
+            ("src,dst\n", "no edits below the header"),
+            ("", "the file is empty"),
+        ] {
+            let (_d, p) = file(text);
+            let err = read_edit_pairs(&p).unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn prompt_lists_skip_blanks_and_comments() {
+        let (_d, p) = file("# everyday things\na cup\n\n  a dog on grass \n");
+        assert_eq!(read_prompts(&p).unwrap(), vec!["a cup", "a dog on grass"]);
+        let (_d, p) = file("# nothing\n\n");
+        assert!(
+            read_prompts(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("no prompts")
+        );
     }
 }

@@ -16,9 +16,12 @@ use ndarray::{Array3, Axis, s};
 use serde::Serialize;
 
 use crate::edit::operator_file::{self, OperatorFileError, OperatorMeta};
-use crate::edit::record::{self, EditRecord, previous_records};
+use crate::edit::prior::{self, Prior, PriorFileError, PriorMeta};
+use crate::edit::record::{self, EditRecord, PreservationRecord, PromptPair, previous_records};
 use crate::edit::weights_file::{self, WeightsFileError};
-use crate::edit::{self, ArticleRule, EditError, Operator, Targets, WeightError, weights};
+use crate::edit::{
+    self, ArticleRule, EditError, Operator, Preservation, Targets, WeightError, weights,
+};
 use crate::onnx::cross_attention::{self, LocateError, Projection, Role};
 use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::module_paths::{UnetLayout, fill_module_paths};
@@ -39,12 +42,14 @@ pub struct EditRequest {
     pub text_encoder: PathBuf,
     /// The tokenizer folder.
     pub tokenizer: PathBuf,
-    /// The source prompt.
-    pub source: String,
-    /// The destination prompt.
-    pub destination: String,
+    /// The (source, destination) pairs, solved together into one operator.
+    pub edits: Vec<PromptPair>,
     /// λ > 0.
     pub lambda: f64,
+    /// What the edit must leave alone.
+    pub preserve: Preserve,
+    /// The preservation term's scale s ≥ 0 (UCE's `preserve_scale`).
+    pub preserve_scale: f64,
     /// Prefixes prepended to each prompt for extra pairs.
     pub augmentations: Vec<String>,
     /// Keys and values, or values only.
@@ -53,6 +58,18 @@ pub struct EditRequest {
     pub save_weights: Option<PathBuf>,
     /// Also write the edit operator A (see [`crate::edit::operator_file`]).
     pub save_operator: Option<PathBuf>,
+}
+
+/// Where an edit's preservation prior comes from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Preserve {
+    /// No preservation term: TIME as published.
+    #[default]
+    Nothing,
+    /// These prompts, embedded with the edit's text encoder.
+    Prompts(Vec<String>),
+    /// A prior file written by `time-onnx prior` with the same text encoder.
+    Prior(PathBuf),
 }
 
 impl EditRequest {
@@ -70,9 +87,13 @@ impl EditRequest {
             output: None,
             text_encoder,
             tokenizer,
-            source: source.into(),
-            destination: destination.into(),
+            edits: vec![PromptPair {
+                source: source.into(),
+                destination: destination.into(),
+            }],
             lambda: edit::DEFAULT_LAMBDA,
+            preserve: Preserve::Nothing,
+            preserve_scale: edit::DEFAULT_PRESERVE_SCALE,
             augmentations: edit::DEFAULT_AUGMENTATIONS
                 .iter()
                 .map(|s| s.to_string())
@@ -160,6 +181,25 @@ pub enum EditJobError {
     /// The operator file could not be written.
     #[error(transparent)]
     OperatorFile(#[from] OperatorFileError),
+    /// A preservation prior needs at least one prompt.
+    #[error("no prompts to preserve: the prompt list is empty")]
+    NoPriorPrompts,
+    /// The preservation prior file could not be read.
+    #[error(transparent)]
+    PriorFile(#[from] PriorFileError),
+    /// A prior file from another text encoder.
+    #[error(
+        "the preservation prior {path} was built with another text encoder (fingerprint {theirs}, \
+         this one is {ours}): rebuild it with `time-onnx prior`"
+    )]
+    OtherPriorEncoder {
+        /// The prior file.
+        path: PathBuf,
+        /// Its text encoder's fingerprint.
+        theirs: String,
+        /// This text encoder's.
+        ours: String,
+    },
     /// `--save-weights` could not be written.
     #[error(transparent)]
     WeightsFile(#[from] WeightsFileError),
@@ -192,10 +232,19 @@ pub fn run_with_progress(
     // The operator file records the text encoder's fingerprint: hash its
     // weights (one core, ~0.3 s for SD's) while the tokenizer loads and ONNX
     // Runtime builds the text encoder's session, both mostly on one core.
-    let fingerprint = req.save_operator.as_ref().map(|_| {
+    let needs_fingerprint =
+        req.save_operator.is_some() || matches!(req.preserve, Preserve::Prior(_));
+    let fingerprint = needs_fingerprint.then(|| {
         let path = req.text_encoder.clone();
         std::thread::spawn(move || weights_fingerprint(&Model::open(&path)?))
     });
+    let mut fingerprint = Fingerprint(fingerprint, None);
+    // A prior file is read now, before any slow work: its fingerprint is
+    // checked once the text encoder's is known.
+    let prior_file = match &req.preserve {
+        Preserve::Prior(path) => Some((path, prior::load(path)?)),
+        _ => None,
+    };
     let unet = match &req.unet {
         Some(path) => Some(open_unet(path, req.output.as_deref())?),
         None => None,
@@ -216,31 +265,46 @@ pub fn run_with_progress(
         _ => None,
     };
     progress(Progress::TextEncoder);
-    let emb = embed(encoder, &text)?;
+    let (emb, prior) = embed(encoder, &text, req)?;
     clock.lap("text encoder");
+    let prior = match prior_file {
+        Some((path, file)) => Some(check_prior(path, file, emb.dim().2, &mut fingerprint)?),
+        None => prior,
+    };
     let n = text.pairs.len();
-    let operator = edit::solve(
+    let operator = edit::solve_preserving(
         emb.slice(s![..n, .., ..]),
         emb.slice(s![n.., .., ..]),
         &text.maps,
         req.lambda,
+        prior.as_ref().map(|p| Preservation {
+            gram: p.gram(),
+            scale: req.preserve_scale,
+        }),
     )?;
     let unchanged = text.pairs.iter().all(|(s, d)| s == d);
     clock.lap("solve");
+    let first = &req.edits[0];
     let record = EditRecord {
-        source: req.source.clone(),
-        destination: req.destination.clone(),
+        source: first.source.clone(),
+        destination: first.destination.clone(),
+        edits: if req.edits.len() > 1 {
+            req.edits.clone()
+        } else {
+            Vec::new()
+        },
+        preservation: prior.as_ref().map(|p| PreservationRecord {
+            prompts: p.prompts(),
+            scale: req.preserve_scale,
+        }),
         lambda: req.lambda,
         keys: req.targets == Targets::KeysAndValues,
         augmentations: req.augmentations.clone(),
         tool: record::tool(),
     };
-    if let (Some(path), Some(fingerprint)) = (&req.save_operator, fingerprint) {
-        // A panic in the hashing thread is a bug: passed on as it is.
-        let fingerprint = fingerprint
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-        save_operator(req, &operator, &record, fingerprint, path)?;
+    if let Some(path) = &req.save_operator {
+        let fingerprint = fingerprint.get()?.to_owned();
+        save_operator(&operator, &record, fingerprint, path)?;
         clock.lap("save operator");
     }
 
@@ -282,15 +346,76 @@ pub fn run_with_progress(
     })
 }
 
+/// The text encoder's fingerprint, hashed on another thread and waited for
+/// once, when first needed.
+struct Fingerprint(
+    Option<JoinHandle<Result<String, OnnxError>>>,
+    Option<String>,
+);
+
+impl Fingerprint {
+    fn get(&mut self) -> Result<&str, EditJobError> {
+        if let Some(thread) = self.0.take() {
+            // A panic in the hashing thread is a bug: passed on as it is.
+            let hash = thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            self.1 = Some(hash);
+        }
+        Ok(self
+            .1
+            .as_deref()
+            .expect("started when the request needs it"))
+    }
+}
+
+/// A prior file's contents, checked against this text encoder (width and
+/// fingerprint).
+fn check_prior(
+    path: &Path,
+    (prior, meta): (Prior, PriorMeta),
+    width: usize,
+    fingerprint: &mut Fingerprint,
+) -> Result<Prior, EditJobError> {
+    if meta.width != width {
+        return Err(EditError::Shape {
+            what: "preservation prior",
+            expected: vec![width, width],
+            actual: vec![meta.width, meta.width],
+        }
+        .into());
+    }
+    let ours = fingerprint.get()?;
+    if meta.text_encoder != ours {
+        return Err(EditJobError::OtherPriorEncoder {
+            path: path.to_path_buf(),
+            theirs: meta.text_encoder,
+            ours: ours.to_owned(),
+        });
+    }
+    Ok(prior)
+}
+
 /// The checks that need no file: prompts, λ, what the outputs can hold.
 fn check(req: &EditRequest) -> Result<(), EditJobError> {
-    for (which, text) in [("source", &req.source), ("destination", &req.destination)] {
-        if text.trim().is_empty() {
-            return Err(EditError::EmptyPrompt { which }.into());
+    if req.edits.is_empty() {
+        return Err(EditError::NoEdits.into());
+    }
+    for pair in &req.edits {
+        for (which, text) in [("source", &pair.source), ("destination", &pair.destination)] {
+            if text.trim().is_empty() {
+                return Err(EditError::EmptyPrompt { which }.into());
+            }
         }
     }
     if !(req.lambda.is_finite() && req.lambda > 0.0) {
         return Err(EditError::BadLambda { lambda: req.lambda }.into());
+    }
+    if !(req.preserve_scale.is_finite() && req.preserve_scale >= 0.0) {
+        return Err(EditError::BadPreserveScale {
+            scale: req.preserve_scale,
+        }
+        .into());
     }
     if req.save_operator.is_some() && req.targets == Targets::ValuesOnly {
         return Err(EditJobError::ValuesOnlyOperator);
@@ -331,13 +456,19 @@ struct Tokens {
     pairs: Vec<(String, String)>,
     maps: Vec<Vec<usize>>,
     ids: Vec<Vec<u32>>,
+    /// The preserved prompts' ids, when the request lists prompts.
+    kept: Vec<Vec<u32>>,
 }
 
 /// Tokenize and align: everything about the prompts that can fail before the
 /// text encoder runs.
 fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
-    let pairs = edit::prompt_pairs(&req.source, &req.destination, &req.augmentations);
+    let pairs: Vec<(String, String)> = req
+        .edits
+        .iter()
+        .flat_map(|e| edit::prompt_pairs(&e.source, &e.destination, &req.augmentations))
+        .collect();
     let rule = ArticleRule::from_tokenizer(&tok)?;
     let maps = pairs
         .iter()
@@ -350,7 +481,19 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     for (_, d) in &pairs {
         ids.push(tok.encode_padded(d)?);
     }
-    Ok(Tokens { pairs, maps, ids })
+    let kept = match &req.preserve {
+        Preserve::Prompts(prompts) => prompts
+            .iter()
+            .map(|p| tok.encode_padded(p))
+            .collect::<Result<_, _>>()?,
+        _ => Vec::new(),
+    };
+    Ok(Tokens {
+        pairs,
+        maps,
+        ids,
+        kept,
+    })
 }
 
 /// The text encoder's session, being built on another thread while the
@@ -400,12 +543,25 @@ impl Drop for OpeningEncoder {
     }
 }
 
-/// Every prompt through the text encoder in one run: `[2·pairs, 77, d] f32`,
-/// sources first, checked finite. The session (and its spinning thread
-/// pool) is freed before the BLAS work.
-fn embed(encoder: OpeningEncoder, text: &Tokens) -> Result<Array3<f32>, EditJobError> {
+/// Every edit prompt through the text encoder in one run: `[2·pairs, 77, d]
+/// f32`, sources first, checked finite; and the prior of the preserved
+/// prompts, when the request lists them. The session (and its spinning
+/// thread pool) is freed before the BLAS work.
+fn embed(
+    encoder: OpeningEncoder,
+    text: &Tokens,
+    req: &EditRequest,
+) -> Result<(Array3<f32>, Option<Prior>), EditJobError> {
     let (_rt, mut encoder) = encoder.wait()?;
     let emb = encoder.embed(&text.ids)?;
+    let prior = match &req.preserve {
+        Preserve::Prompts(prompts) => Some(super::prior::embed_prior(
+            &mut encoder,
+            prompts,
+            &text.kept,
+        )?),
+        _ => None,
+    };
     drop(encoder);
     let n = text.pairs.len();
     for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
@@ -420,22 +576,23 @@ fn embed(encoder: OpeningEncoder, text: &Tokens) -> Result<Array3<f32>, EditJobE
             });
         }
     }
-    Ok(emb)
+    Ok((emb, prior))
 }
 
 /// Writes the operator file, with the text encoder's fingerprint.
 fn save_operator(
-    req: &EditRequest,
     operator: &Operator,
     record: &EditRecord,
     fingerprint: String,
     path: &Path,
 ) -> Result<(), EditJobError> {
     let meta = OperatorMeta {
-        source: req.source.clone(),
-        destination: req.destination.clone(),
-        lambda: req.lambda,
-        augmentations: req.augmentations.clone(),
+        source: record.source.clone(),
+        destination: record.destination.clone(),
+        edits: record.edits.clone(),
+        preservation: record.preservation.clone(),
+        lambda: record.lambda,
+        augmentations: record.augmentations.clone(),
         tool: record.tool.clone(),
         width: operator.dim(),
         text_encoder: fingerprint,

@@ -4,3 +4,4 @@
 pub mod edit;
 pub mod eval;
 pub mod generate;
+pub mod prior;

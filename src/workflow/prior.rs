@@ -1,0 +1,107 @@
+//! The prior journey: preserved prompts → tokens → embeddings, in batches →
+//! Cₚ = Σ cₚcₚᵀ → a prior file that every later edit with this text encoder
+//! can reuse (`edit --prior`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::edit::prior::{self, Prior, PriorMeta};
+use crate::edit::record;
+use crate::onnx::Model;
+use crate::onnx::fingerprint::weights_fingerprint;
+use crate::runtime::{Device, Runtime, SessionOptions};
+use crate::text::ClipTokenizer;
+use crate::text::encoder::TextEncoder;
+
+use super::edit::EditJobError;
+
+/// Prompts per text encoder run: SD's encoder holds 64·77·768 f32 (15 MB)
+/// of output per batch, and larger batches were no faster on two cores.
+pub const BATCH: usize = 64;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct PriorRequest {
+    /// The text encoder model file.
+    pub text_encoder: PathBuf,
+    /// The tokenizer folder.
+    pub tokenizer: PathBuf,
+    /// The prompts to preserve.
+    pub prompts: Vec<String>,
+    /// Where to write the prior file.
+    pub output: PathBuf,
+}
+
+/// What was built.
+#[derive(Debug)]
+pub struct PriorReport {
+    /// The prior written.
+    pub prior: Prior,
+    /// Its metadata.
+    pub meta: PriorMeta,
+    /// Time in the text encoder runs.
+    pub encoder_time: Duration,
+    /// Time in all.
+    pub total_time: Duration,
+}
+
+/// Builds the prior of `req.prompts` and writes it.
+pub fn run(req: &PriorRequest) -> Result<PriorReport, EditJobError> {
+    let start = Instant::now();
+    if req.prompts.is_empty() {
+        return Err(EditJobError::NoPriorPrompts);
+    }
+    let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
+    let ids = req
+        .prompts
+        .iter()
+        .map(|p| tok.encode_padded(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let fingerprint = weights_fingerprint(&Model::open(&req.text_encoder)?)?;
+    let rt = Runtime::load()?;
+    let opts = SessionOptions {
+        device: Device::Cpu,
+        ..SessionOptions::default()
+    };
+    let mut encoder = TextEncoder::open(&rt, &req.text_encoder, opts)?;
+    let encoding = Instant::now();
+    let prior = embed_prior(&mut encoder, &req.prompts, &ids)?;
+    let encoder_time = encoding.elapsed();
+    let meta = PriorMeta {
+        prompts: prior.prompts(),
+        width: prior.dim(),
+        text_encoder: fingerprint,
+        tool: record::tool(),
+    };
+    prior::save(&req.output, &prior, &meta)?;
+    Ok(PriorReport {
+        prior,
+        meta,
+        encoder_time,
+        total_time: start.elapsed(),
+    })
+}
+
+/// Cₚ of `prompts` (tokenized as `ids`), through the text encoder
+/// [`BATCH`] prompts at a time, every embedding checked finite.
+pub fn embed_prior(
+    encoder: &mut TextEncoder,
+    prompts: &[String],
+    ids: &[Vec<u32>],
+) -> Result<Prior, EditJobError> {
+    let mut prior: Option<Prior> = None;
+    for (chunk, texts) in ids.chunks(BATCH).zip(prompts.chunks(BATCH)) {
+        let emb = encoder.embed(chunk)?;
+        for (row, text) in emb.outer_iter().zip(texts) {
+            if row.iter().any(|v| !v.is_finite()) {
+                return Err(EditJobError::NonFiniteEmbedding {
+                    prompt: text.clone(),
+                });
+            }
+        }
+        prior
+            .get_or_insert_with(|| Prior::empty(emb.dim().2))
+            .add(emb.view());
+    }
+    prior.ok_or(EditJobError::NoPriorPrompts)
+}
