@@ -29,6 +29,8 @@ fn request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
         steps: 3,
         guidance: 7.5,
         lambda: 10.0,
+        preserve: None,
+        all_at_once: false,
         scheduler: SchedulerKind::Ddim,
         batch: 16,
         classifier: ClassifierSpec::Toy,
@@ -243,4 +245,49 @@ fn clip_classifier_runs_end_to_end() {
         assert_eq!(p.picks.len(), 1);
         assert!(p.picks[0].is_some(), "{p:?}");
     }
+}
+
+/// No tuning to the test: the toy world's preservation prompts share no
+/// prompt with anything its datasets score, nor with the explicit-colour
+/// probes "a <colour> <shape>".
+#[test]
+fn toy_preservation_prompts_are_disjoint_from_scored_ones() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/toy");
+    let kept = dataset::read_prompts(&toy.join("preserve.txt")).unwrap();
+    let mut rows = dataset::read(&toy.join("toy_timed.csv")).unwrap();
+    rows.extend(dataset::read(&toy.join("toy_three.csv")).unwrap());
+    let mut scored = std::collections::BTreeSet::new();
+    for row in &rows {
+        scored.insert(row.old.clone());
+        scored.insert(row.new.clone());
+        for (prompt, label) in row.positives.iter().chain(&row.negatives) {
+            scored.insert(prompt.clone());
+            scored.insert(label.clone());
+        }
+    }
+    for shape in ["circle", "square", "triangle", "diamond"] {
+        for colour in ["red", "green", "blue", "yellow"] {
+            scored.insert(format!("a {colour} {shape}"));
+        }
+    }
+    assert!(kept.len() > 100, "{} preservation prompts", kept.len());
+    let shared: Vec<&String> = kept.iter().filter(|p| scored.contains(*p)).collect();
+    assert!(shared.is_empty(), "preserved and scored: {shared:?}");
+}
+
+/// `--all-at-once` refuses rows that edit one source two ways, naming them,
+/// before generating anything.
+#[test]
+fn all_at_once_refuses_conflicting_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let req = EvalRequest {
+        all_at_once: true,
+        ..request(&toy(), &toy().join("toy_timed.csv"), out.path())
+    };
+    let err = run(&req, &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(&err, EvalJobError::ConflictingRows { source_prompt, .. } if source_prompt == "a circle"),
+        "{err}"
+    );
+    assert!(!out.path().join("results.json").exists());
 }

@@ -38,6 +38,16 @@ pub struct EvalArgs {
     /// TIME's λ (the paper uses 0.1).
     #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA, value_parser = finite)]
     lambda: f64,
+    /// Prompts every row's edit must leave alone, one a line (UCE's preservation term).
+    #[arg(long, value_name = "FILE")]
+    preserve: Option<PathBuf>,
+    /// Weight of the preservation term (UCE's preserve_scale).
+    #[arg(long, default_value_t = time_onnx::edit::DEFAULT_PRESERVE_SCALE, value_parser = finite, requires = "preserve")]
+    preserve_scale: f64,
+    /// Solve every row's edit together and score every row on that one model (rows that edit
+    /// one source two ways are refused).
+    #[arg(long)]
+    all_at_once: bool,
     /// Scheduler.
     #[arg(long, value_parser = parse_scheduler, default_value = "ddim")]
     scheduler: SchedulerKind,
@@ -83,6 +93,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         steps,
         guidance,
         lambda,
+        preserve,
+        preserve_scale,
+        all_at_once,
         scheduler,
         classifier,
         output,
@@ -106,6 +119,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         steps,
         guidance,
         lambda,
+        preserve: preserve.map(|p| (p, preserve_scale)),
+        all_at_once,
         scheduler,
         batch,
         classifier,

@@ -17,14 +17,14 @@ use ndarray::{Array3, Array4, ArrayD, Axis, concatenate};
 use serde::{Deserialize, Serialize};
 
 use crate::edit::Operator;
-use crate::edit::record;
+use crate::edit::record::{self, PromptPair};
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
 use crate::pipeline::denoise::Guidance;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{label, png};
 use crate::runtime::{LoadError, Runtime, SessionOptions};
-use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest};
+use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest, Preserve};
 use crate::workflow::generate::{GenerateError, Generator, Params};
 
 /// What to evaluate and how.
@@ -44,6 +44,12 @@ pub struct EvalRequest {
     pub guidance: f64,
     /// TIME's λ.
     pub lambda: f64,
+    /// Prompts every row's edit must leave alone (UCE's preservation term),
+    /// and its scale.
+    pub preserve: Option<(PathBuf, f64)>,
+    /// Every row's edit in one solve, every row scored on that one model
+    /// (the many-concept setting of UCE and MACE), instead of one edit per row.
+    pub all_at_once: bool,
     /// The scheduler.
     pub scheduler: SchedulerKind,
     /// Images per UNet batch.
@@ -75,6 +81,12 @@ pub struct Settings {
     pub guidance: f64,
     /// λ.
     pub lambda: f64,
+    /// The preservation prompt file and scale, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation: Option<String>,
+    /// Whether every row's edit was solved together.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_at_once: bool,
     /// Scheduler name.
     pub scheduler: String,
     /// Classifier (`toy` or `clip:<dir>`).
@@ -154,6 +166,19 @@ pub struct Report {
 /// Everything that can stop an evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalJobError {
+    /// `--all-at-once` with rows that edit one source two ways.
+    #[error(
+        "rows conflict: {source_prompt:?} is edited both to {first:?} and to {second:?}; \
+         --all-at-once needs one destination per source (choose rows with --rows)"
+    )]
+    ConflictingRows {
+        /// The source prompt.
+        source_prompt: String,
+        /// One destination.
+        first: String,
+        /// The other.
+        second: String,
+    },
     /// Scoring side.
     #[error(transparent)]
     Eval(#[from] EvalError),
@@ -227,12 +252,19 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         return Err(EvalJobError::NothingToDo);
     }
     let rows = eval::dataset::read(&req.dataset)?;
+    let preserve = match &req.preserve {
+        Some((path, _)) => Preserve::Prompts(eval::dataset::read_prompts(path)?),
+        None => Preserve::Nothing,
+    };
     let range = req.rows.clone().unwrap_or(0..rows.len());
     if range.start >= range.end || range.end > rows.len() {
         return Err(EvalJobError::Rows {
             range,
             rows: rows.len(),
         });
+    }
+    if req.all_at_once {
+        refuse_conflicts(&rows[range.clone()])?;
     }
     let mut report = previous_report(&req.output.join("results.json"), req)?;
     if !req.output.is_dir() {
@@ -269,11 +301,38 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         eta: 0.0,
     };
     let todo: Vec<usize> = range
+        .clone()
         .filter(|i| !report.rows.iter().any(|r| r.index == *i))
         .collect();
     let per_row = |r: &Row| 3 * (1 + r.positives.len() + r.negatives.len());
     let total: usize = todo.iter().map(|&i| per_row(&rows[i])).sum();
     let mut done = 0;
+    let text_side = (
+        generator.model.text_encoder.clone(),
+        generator.model.tokenizer.clone(),
+    );
+    let edit = |rows: &[Row]| -> Result<Operator, EvalJobError> {
+        let req = EditRequest {
+            lambda: req.lambda,
+            edits: rows
+                .iter()
+                .map(|r| PromptPair {
+                    source: r.old.clone(),
+                    destination: r.new.clone(),
+                })
+                .collect(),
+            preserve: preserve.clone(),
+            preserve_scale: req.preserve.as_ref().map_or(0.0, |(_, s)| *s),
+            ..EditRequest::new(text_side.0.clone(), text_side.1.clone(), "", "")
+        };
+        Ok(edit_flow::run(&req)?.operator)
+    };
+    // All at once: one operator for every row of the range, resumed or not.
+    let together = if req.all_at_once {
+        Some(edit(&rows[range.clone()])?)
+    } else {
+        None
+    };
     let mut scorer = RowScorer {
         generator: &mut generator,
         classifier: &mut classifier,
@@ -284,16 +343,10 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     for i in todo {
         let row = &rows[i];
         let start = Instant::now();
-        let operator = edit_flow::run(&EditRequest {
-            lambda: req.lambda,
-            ..EditRequest::new(
-                scorer.generator.model.text_encoder.clone(),
-                scorer.generator.model.tokenizer.clone(),
-                row.old.clone(),
-                row.new.clone(),
-            )
-        })?
-        .operator;
+        let operator = match &together {
+            Some(op) => op.clone(),
+            None => edit(std::slice::from_ref(row))?,
+        };
         let (prompts, grid_images) = scorer.score_row(row, &operator, &mut |n| {
             done += n;
             progress(done, total);
@@ -319,6 +372,23 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     // Also when every row was done already: `--resume` then re-renders the report.
     save(&req.output, &report)?;
     Ok(report)
+}
+
+/// Rows solved together must not ask one source for two destinations.
+fn refuse_conflicts(rows: &[Row]) -> Result<(), EvalJobError> {
+    for (k, row) in rows.iter().enumerate() {
+        if let Some(other) = rows[..k]
+            .iter()
+            .find(|r| r.old == row.old && r.new != row.new)
+        {
+            return Err(EvalJobError::ConflictingRows {
+                source_prompt: row.old.clone(),
+                first: other.new.clone(),
+                second: row.new.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The sessions and settings that generate and judge one row's images.
@@ -473,6 +543,11 @@ fn settings(req: &EvalRequest) -> Settings {
         steps: req.steps,
         guidance: req.guidance,
         lambda: req.lambda,
+        preservation: req
+            .preserve
+            .as_ref()
+            .map(|(path, scale)| format!("{} at scale {scale}", path.display())),
+        all_at_once: req.all_at_once,
         scheduler: req.scheduler.to_string(),
         classifier: req.classifier.to_string(),
         tool: record::tool(),
