@@ -12,7 +12,11 @@ reference embeddings that scripts/make_fixtures.py recorded with the torch pipel
   convention, not UCE's, whose replace mode edits only from the last word token on);
 - preserved positions cₚ: all 77 positions of each preserved prompt, padding included (UCE's
   convention for its retain prompts);
-- the preservation prior Cₚ = Σ cₚ cₚᵀ on its own, for `time-onnx prior`.
+- the preservation prior Cₚ = Σ cₚ cₚᵀ on its own, for `time-onnx prior`;
+- erase/replace pairs (`edit --erase`), UCE's own positions: from the last word token of each
+  prompt (attention-mask sum − 2) to the end, the longer tail trimmed so both have 77 − max of
+  the two starts; an empty guide is " "; no augmentations (UCE's default). Their embeddings come
+  from the torch text encoder of tests/fixtures/sd-tiny/torch in float64 (transformers), run here.
 
 Inputs (already in tests/fixtures/goldens): time/roses_then_car.f64.safetensors (embeddings of
 both edits with diffusers' augmentations), time/cases.json (their alignment), text_encoder.safetensors
@@ -41,6 +45,10 @@ GOLDENS = REPO / "tests" / "fixtures" / "goldens"
 # which the edit itself covers.
 PRESERVED = ["", "an apple", "a photo of a 🐱 cat and a 🚀 rocket"]
 
+# UCE erase/replace: (concept, guide) pairs, λ as UCE's script's main passes it (0.5), its default
+# preserve_scale 0.1 over PRESERVED.
+ERASE = dict(name="erase_preserved", pairs=[("Van Gogh", "art"), ("a rose", "")], lamb=0.5, scale=0.1)
+
 CASES = [
     # name, which edits of roses_then_car, λ, preservation scale (None: no preservation term)
     dict(name="two_edits", edits=[0, 1], lamb=0.1, scale=None),
@@ -56,6 +64,38 @@ def edit_rows(emb: dict, index: dict, e: int) -> tuple[np.ndarray, np.ndarray]:
     c = np.concatenate([old[p] for p in range(old.shape[0])])
     cstar = np.concatenate([new[p][idxs[p]] for p in range(new.shape[0])])
     return c, cstar
+
+
+def torch_embed(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Last hidden states `[n, 77, d]` float64 and attention-mask sums, from the torch fixture."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    fx = REPO / "tests" / "fixtures" / "sd-tiny"
+    tok = CLIPTokenizer.from_pretrained(str(fx / "tokenizer"))
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the causal mask is built in the default dtype
+    try:
+        te = CLIPTextModel.from_pretrained(str(fx / "torch" / "text_encoder")).to(torch.float64).eval()
+        enc = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            out = te(enc.input_ids)[0].numpy()
+    finally:
+        torch.set_default_dtype(prev)
+    assert out.dtype == np.float64
+    return out, [int(m.sum()) for m in enc.attention_mask]
+
+
+def erase_rows(pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(c, c*) rows of UCE's replace technique for (concept, guide) pairs."""
+    cs, cstars = [], []
+    for concept, guide in pairs:
+        emb, mask = torch_embed([concept, guide if guide else " "])
+        fo, fn = mask[0] - 2, mask[1] - 2
+        far = max(fo, fn)
+        cs.append(emb[0][fo:77 - max(0, far - fo)])
+        cstars.append(emb[1][fn:77 - max(0, far - fn)])
+    return np.concatenate(cs), np.concatenate(cstars)
 
 
 def main() -> int:
@@ -92,6 +132,19 @@ def main() -> int:
             "max_rel_change": max(float(np.abs(out[f"{case['name']}.{k}"] - w).max() / np.abs(w).max())
                                   for k, w in weights.items()),
         })
+    c, cstar = erase_rows(ERASE["pairs"])
+    d, lam, s = c.shape[1], ERASE["lamb"], ERASE["scale"]
+    for key, w in weights.items():
+        mat1 = lam * w + (w @ cstar.T) @ c + s * (w @ kept.T) @ kept
+        mat2 = lam * np.eye(d) + c.T @ c + s * prior
+        out[f"{ERASE['name']}.{key}"] = mat1 @ np.linalg.inv(mat2)
+    listing.append({
+        "name": ERASE["name"], "lambda": lam, "preserve_scale": s, "erase": True,
+        "edits": [{"source": a, "destination": b} for a, b in ERASE["pairs"]],
+        "augmentations": [], "preserved": PRESERVED, "edited_positions": int(c.shape[0]),
+        "max_rel_change": max(float(np.abs(out[f"{ERASE['name']}.{k}"] - w).max() / np.abs(w).max())
+                              for k, w in weights.items()),
+    })
     dst = GOLDENS / "uce"
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in sorted(out.items())}, str(dst / "uce.f64.safetensors"))

@@ -186,8 +186,9 @@ fn compare(
     eprintln!("{flavour}/{name}: worst relative error {worst:.2e}");
 }
 
-/// Edits solved together, with and without UCE's preservation term, against
-/// the published formula in numpy float64 (scripts/golden_uce.py).
+/// Edits solved together, with and without UCE's preservation term, and
+/// UCE's erase/replace, against the published formula in numpy float64
+/// (scripts/golden_uce.py).
 fn check_uce(flavour: &str) {
     let text = std::fs::read_to_string(format!("{FIXTURES}/goldens/uce/cases.json")).unwrap();
     let index: Value = serde_json::from_str(&text).unwrap();
@@ -226,6 +227,7 @@ fn check_uce(flavour: &str) {
             augmentations: strings(&case["augmentations"]),
             save_weights: Some(weights.clone()),
             edits,
+            erase: case["erase"].as_bool().unwrap_or(false),
             preserve,
             preserve_scale,
             ..edit_request(flavour, "unused", "unused")

@@ -22,7 +22,7 @@ pub struct EditArgs {
     #[arg(required_unless_present = "save_operator")]
     unet: Option<PathBuf>,
     /// The source prompt: what the model assumes, e.g. "A pack of roses".
-    #[arg(long, required_unless_present = "edits", requires = "dst")]
+    #[arg(long, required_unless_present = "edits")]
     src: Option<String>,
     /// The destination prompt: the same words plus what it should assume, e.g. "A pack of blue roses".
     #[arg(long, requires = "src")]
@@ -30,6 +30,12 @@ pub struct EditArgs {
     /// Many edits solved together into one: a CSV with src,dst columns (TIMED's old,new accepted).
     #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["src", "dst"])]
     edits: Option<PathBuf>,
+    /// UCE's erase/replace instead of TIME's edit: --dst (or each row's dst) is a guide concept
+    /// that need not contain the source's words, e.g. --src "Van Gogh" --dst "art"; no --dst
+    /// erases towards " ". Edits the positions from each prompt's last word on, as UCE does;
+    /// no augmentation prompts unless --aug is given.
+    #[arg(long)]
+    erase: bool,
     /// Prompts the edit must leave alone, one a line (UCE's preservation term).
     #[arg(long, value_name = "FILE")]
     preserve: Option<PathBuf>,
@@ -81,6 +87,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         src,
         dst,
         edits,
+        erase,
         preserve,
         prior,
         preserve_scale,
@@ -105,13 +112,16 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         text_encoder.unwrap_or_else(|| model_dir.join("text_encoder").join("model.onnx"));
     let tokenizer = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer"));
     require_text_side(&text_encoder, &tokenizer)?;
-    let augmentations = match (no_augs, augs.is_empty()) {
-        (true, _) => Vec::new(),
-        (false, true) => DEFAULT_AUGMENTATIONS
+    // UCE adds no augmentation prompts unless asked; TIME adds its three.
+    let augmentations = if no_augs || (erase && augs.is_empty()) {
+        Vec::new()
+    } else if augs.is_empty() {
+        DEFAULT_AUGMENTATIONS
             .iter()
             .map(|s| s.to_string())
-            .collect(),
-        (false, false) => augs,
+            .collect()
+    } else {
+        augs
     };
     let req = EditRequest {
         unet: unet.clone(),
@@ -119,7 +129,8 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         save_operator: if dry_run { None } else { save_operator },
         text_encoder,
         tokenizer,
-        edits: edit_pairs(src, dst, edits.as_deref())?,
+        edits: edit_pairs(src, dst, edits.as_deref(), erase)?,
+        erase,
         preserve: match (preserve, prior) {
             (Some(path), _) => Preserve::Prompts(
                 read_prompts(&path).with_context(|| format!("--preserve {}", path.display()))?,
@@ -189,6 +200,7 @@ fn edit_pairs(
     src: Option<String>,
     dst: Option<String>,
     edits: Option<&Path>,
+    erase: bool,
 ) -> anyhow::Result<Vec<PromptPair>> {
     match (src, dst, edits) {
         (_, _, Some(path)) => {
@@ -198,7 +210,11 @@ fn edit_pairs(
             source,
             destination,
         }]),
-        _ => bail!("give --src and --dst, or --edits"),
+        (Some(source), None, None) if erase => Ok(vec![PromptPair {
+            source,
+            destination: String::new(),
+        }]),
+        _ => bail!("give --src and --dst (only --src with --erase), or --edits"),
     }
 }
 

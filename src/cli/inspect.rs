@@ -52,8 +52,21 @@ fn inspect_operator(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     } else {
         println!("{}", path.display());
         println!("  edit operator A: {d}×{d} f32, ‖A − I‖ = {change:.3e}");
-        println!("  source      {:?}", meta.source);
-        println!("  destination {:?}", meta.destination);
+        if meta.edits.is_empty() {
+            println!("  source      {:?}", meta.source);
+            println!("  destination {:?}", meta.destination);
+        } else {
+            println!("  {} edits solved together:", meta.edits.len());
+            for e in &meta.edits {
+                println!("    {:?} → {:?}", e.source, e.destination);
+            }
+        }
+        if meta.erase {
+            println!("  UCE erase/replace (positions from the last word on)");
+        }
+        if let Some(p) = &meta.preservation {
+            println!("  preserving  {} prompts at scale {}", p.prompts, p.scale);
+        }
         println!("  lambda      {}", meta.lambda);
         println!("  augmentations {:?}", meta.augmentations);
         println!("  text encoder fingerprint {}", meta.text_encoder);

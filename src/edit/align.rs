@@ -28,6 +28,24 @@ pub fn augmentation_base(prompt: &str) -> String {
     }
 }
 
+/// UCE's positions for an erase/replace pair (unified-concept-editing,
+/// `train-scripts/train_erase.py`, `edit_model`): from the last word token
+/// of each prompt (its attention-mask sum − 2: BOS and EOS excluded) to the
+/// end of the `seq` positions, the tail of the one that starts earlier
+/// trimmed so both are `seq` − max(starts) long. `src_len`, `dst_len`: the
+/// token counts with BOS and EOS (≥ 2). Source row `i` of the first range
+/// pairs with destination row `i` of the second.
+pub fn uce_positions(
+    src_len: usize,
+    dst_len: usize,
+    seq: usize,
+) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    let (from_src, from_dst) = (src_len.saturating_sub(2), dst_len.saturating_sub(2));
+    let farthest = from_src.max(from_dst).min(seq);
+    let len = seq - farthest;
+    (from_src..from_src + len, from_dst..from_dst + len)
+}
+
 /// The (source, destination) prompt pairs of one edit: the prompts
 /// themselves, then `aug + base` for each augmentation (see
 /// [`augmentation_base`]). An empty `augs` gives the one pair.
@@ -402,5 +420,15 @@ mod tests {
             let map = align(&src, &dst, &ArticleRule::new([], 320), 77);
             prop_assert!(map.is_ok());
         }
+    }
+
+    #[test]
+    fn uce_positions_start_at_the_last_word_and_keep_equal_lengths() {
+        // "Van Gogh" (BOS van gogh EOS) → "art" (BOS art EOS): 2.. and 1.., 75 each.
+        assert_eq!(uce_positions(4, 3, 77), (2..77, 1..76));
+        // An empty guide " " is BOS EOS: from 0.
+        assert_eq!(uce_positions(4, 2, 77), (2..77, 0..75));
+        assert_eq!(uce_positions(3, 5, 77), (1..75, 3..77));
+        assert_eq!(uce_positions(77, 77, 77), (75..77, 75..77));
     }
 }

@@ -30,7 +30,7 @@ pub mod weights_file;
 
 pub use align::{
     ArticleRule, DEFAULT_AUGMENTATIONS, DEFAULT_LAMBDA, align, align_prompts, augmentation_base,
-    prompt_pairs,
+    prompt_pairs, uce_positions,
 };
 pub use solve::{Change, DEFAULT_PRESERVE_SCALE, Operator, Preservation, solve, solve_preserving};
 pub use weights::{Targets, WeightError};

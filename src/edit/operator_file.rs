@@ -35,6 +35,10 @@ pub struct OperatorMeta {
     /// The preservation term, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preservation: Option<PreservationRecord>,
+    /// UCE erase/replace pairs (UCE's positions, guides that need not
+    /// contain the source's words) rather than TIME's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub erase: bool,
     /// λ.
     pub lambda: f64,
     /// Augmentation prefixes used.

@@ -8,6 +8,7 @@
 //! output written.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +47,11 @@ pub struct EditRequest {
     pub edits: Vec<PromptPair>,
     /// λ > 0.
     pub lambda: f64,
+    /// UCE's erase/replace pairs instead of TIME's: the destination (a guide
+    /// concept, or empty) need not contain the source's words, and only the
+    /// positions from each prompt's last word on are edited
+    /// ([`edit::uce_positions`]).
+    pub erase: bool,
     /// What the edit must leave alone.
     pub preserve: Preserve,
     /// The preservation term's scale s ≥ 0 (UCE's `preserve_scale`).
@@ -92,6 +98,7 @@ impl EditRequest {
                 destination: destination.into(),
             }],
             lambda: edit::DEFAULT_LAMBDA,
+            erase: false,
             preserve: Preserve::Nothing,
             preserve_scale: edit::DEFAULT_PRESERVE_SCALE,
             augmentations: edit::DEFAULT_AUGMENTATIONS
@@ -272,9 +279,16 @@ pub fn run_with_progress(
         None => prior,
     };
     let n = text.pairs.len();
+    let (src, dst) = match &text.uce {
+        Some(positions) => uce_rows(&emb, positions),
+        None => (
+            emb.slice(s![..n, .., ..]).to_owned(),
+            emb.slice(s![n.., .., ..]).to_owned(),
+        ),
+    };
     let operator = edit::solve_preserving(
-        emb.slice(s![..n, .., ..]),
-        emb.slice(s![n.., .., ..]),
+        src.view(),
+        dst.view(),
         &text.maps,
         req.lambda,
         prior.as_ref().map(|p| Preservation {
@@ -288,6 +302,7 @@ pub fn run_with_progress(
     let record = EditRecord {
         source: first.source.clone(),
         destination: first.destination.clone(),
+        erase: req.erase,
         edits: if req.edits.len() > 1 {
             req.edits.clone()
         } else {
@@ -403,7 +418,8 @@ fn check(req: &EditRequest) -> Result<(), EditJobError> {
     }
     for pair in &req.edits {
         for (which, text) in [("source", &pair.source), ("destination", &pair.destination)] {
-            if text.trim().is_empty() {
+            // An erase may name no guide: UCE then uses " ".
+            if text.trim().is_empty() && !(req.erase && which == "destination") {
                 return Err(EditError::EmptyPrompt { which }.into());
             }
         }
@@ -458,22 +474,42 @@ struct Tokens {
     ids: Vec<Vec<u32>>,
     /// The preserved prompts' ids, when the request lists prompts.
     kept: Vec<Vec<u32>>,
+    /// Erase pairs: per pair, the source and destination positions edited.
+    uce: Option<Vec<(Range<usize>, Range<usize>)>>,
 }
 
 /// Tokenize and align: everything about the prompts that can fail before the
 /// text encoder runs.
 fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
+    let guide = |d: &str| match (req.erase, d.trim().is_empty()) {
+        (true, true) => " ".to_owned(),
+        _ => d.to_owned(),
+    };
     let pairs: Vec<(String, String)> = req
         .edits
         .iter()
-        .flat_map(|e| edit::prompt_pairs(&e.source, &e.destination, &req.augmentations))
+        .flat_map(|e| edit::prompt_pairs(&e.source, &guide(&e.destination), &req.augmentations))
         .collect();
-    let rule = ArticleRule::from_tokenizer(&tok)?;
-    let maps = pairs
-        .iter()
-        .map(|(s, d)| edit::align_prompts(&tok, &rule, s, d))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (maps, uce) = if req.erase {
+        let seq = tok.max_len();
+        let positions = pairs
+            .iter()
+            .map(|(s, d)| {
+                let (s, d) = (tok.encode_truncated(s)?, tok.encode_truncated(d)?);
+                Ok(edit::uce_positions(s.len(), d.len(), seq))
+            })
+            .collect::<Result<Vec<_>, TextError>>()?;
+        let identity = vec![(0..seq).collect(); pairs.len()];
+        (identity, Some(positions))
+    } else {
+        let rule = ArticleRule::from_tokenizer(&tok)?;
+        let maps = pairs
+            .iter()
+            .map(|(s, d)| edit::align_prompts(&tok, &rule, s, d))
+            .collect::<Result<Vec<_>, _>>()?;
+        (maps, None)
+    };
     let mut ids = Vec::with_capacity(2 * pairs.len());
     for (s, _) in &pairs {
         ids.push(tok.encode_padded(s)?);
@@ -493,7 +529,29 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
         maps,
         ids,
         kept,
+        uce,
     })
+}
+
+/// The rows an erase solves over, as `[pairs, seq, d]` source and
+/// destination arrays to take position by position: pair p's edited
+/// positions first, zeros after (a zero row adds nothing to Σ ccᵀ nor to
+/// Σ c*cᵀ).
+fn uce_rows(
+    emb: &Array3<f32>,
+    positions: &[(Range<usize>, Range<usize>)],
+) -> (Array3<f32>, Array3<f32>) {
+    let (n, (_, seq, d)) = (positions.len(), emb.dim());
+    let mut src = Array3::zeros((n, seq, d));
+    let mut dst = Array3::zeros((n, seq, d));
+    for (p, (from, to)) in positions.iter().enumerate() {
+        let len = from.len();
+        src.slice_mut(s![p, ..len, ..])
+            .assign(&emb.slice(s![p, from.clone(), ..]));
+        dst.slice_mut(s![p, ..len, ..])
+            .assign(&emb.slice(s![n + p, to.clone(), ..]));
+    }
+    (src, dst)
 }
 
 /// The text encoder's session, being built on another thread while the
@@ -589,6 +647,7 @@ fn save_operator(
     let meta = OperatorMeta {
         source: record.source.clone(),
         destination: record.destination.clone(),
+        erase: record.erase,
         edits: record.edits.clone(),
         preservation: record.preservation.clone(),
         lambda: record.lambda,
