@@ -175,8 +175,12 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     }
     let report = result.map_err(|e| {
         let hint = match &e {
-            edit::EditJobError::Edit(EditError::MissingWord { .. }) if !req.erase => {
-                " (to replace a concept by one with other words, use --erase)"
+            // Concept replacement ("Van Gogh" → "art") is short; long
+            // prompts keep the error readable without the hint.
+            edit::EditJobError::Edit(EditError::MissingWord { src, .. })
+                if !req.erase && src.len() <= 60 =>
+            {
+                " (--erase replaces a concept by other words)"
             }
             _ => "",
         };
