@@ -18,9 +18,11 @@
 //!
 //! What an edit leaves behind: a [`record::EditRecord`] in the UNet's
 //! metadata, an operator file ([`operator_file`]), a torch weights file
-//! ([`weights_file`]). Only those two file modules do I/O.
+//! ([`weights_file`]); a preservation prior ([`prior`]). Only the file
+//! modules (those three and their shared `matrix_file`) do I/O.
 
 pub mod align;
+mod matrix_file;
 pub mod operator_file;
 pub mod prior;
 pub mod record;

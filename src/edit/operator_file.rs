@@ -7,14 +7,14 @@
 //! projections that TIME rewrites as W·A. Layout: safetensors with one tensor
 //! `A` `[d, d] f32` (W' = W·A) and string metadata.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::Operator;
+use super::matrix_file::{self, Failure};
 #[cfg(doc)]
 use super::record::EditRecord;
 use super::record::{PreservationRecord, PromptPair};
@@ -73,29 +73,23 @@ pub enum OperatorFileError {
     },
 }
 
+impl OperatorFileError {
+    fn from_failure(path: &Path, failure: Failure) -> Self {
+        let path = path.to_path_buf();
+        match failure {
+            Failure::Io(source) => Self::Io { path, source },
+            Failure::Invalid(why) => Self::Invalid { path, why },
+        }
+    }
+}
+
 /// Writes `op` (holding Aᵀ) as `A [d, d] f32` with `meta`, atomically.
 pub fn save(path: &Path, op: &Operator, meta: &OperatorMeta) -> Result<(), OperatorFileError> {
-    let invalid = |why: String| OperatorFileError::Invalid {
-        path: path.to_path_buf(),
-        why,
-    };
     let a = op.transposed().t().mapv(|v| v as f32);
     let d = a.nrows();
     let data: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![d, d], &data)
-        .map_err(|e| invalid(e.to_string()))?;
-    let json = serde_json::to_string(meta).map_err(|e| invalid(e.to_string()))?;
-    let bytes = safetensors::serialize(
-        [("A", view)],
-        Some(HashMap::from([(META_KEY.to_string(), json)])),
-    )
-    .map_err(|e| invalid(e.to_string()))?;
-    crate::staged::write_file(path, |w| w.write_all(&bytes)).map_err(|source| {
-        OperatorFileError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
+    matrix_file::save(path, ("A", Dtype::F32, d, &data), META_KEY, meta)
+        .map_err(|f| OperatorFileError::from_failure(path, f))
 }
 
 /// Reads an operator file: the operator (holding Aᵀ, f64) and its metadata.
@@ -104,30 +98,12 @@ pub fn load(path: &Path) -> Result<(Operator, OperatorMeta), OperatorFileError> 
         path: path.to_path_buf(),
         why,
     };
-    let bytes = std::fs::read(path).map_err(|source| OperatorFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| invalid(format!("no {META_KEY:?} metadata")))?;
-    let meta: OperatorMeta = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let t = st.tensor("A").map_err(|e| invalid(e.to_string()))?;
+    let (meta, data) = matrix_file::load(path, ("A", Dtype::F32), META_KEY, |m: &OperatorMeta| {
+        m.width
+    })
+    .map_err(|f| OperatorFileError::from_failure(path, f))?;
     let d = meta.width;
-    if t.dtype() != safetensors::Dtype::F32 || t.shape() != [d, d] {
-        return Err(invalid(format!(
-            "A is {:?} {:?}, expected F32 [{d}, {d}]",
-            t.dtype(),
-            t.shape()
-        )));
-    }
-    let values: Vec<f64> = t
-        .data()
+    let values: Vec<f64> = data
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
         .collect();

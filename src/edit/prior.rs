@@ -7,12 +7,13 @@
 //! ([`PriorMeta`]); f64 because Cₚ sums hundreds of thousands of outer
 //! products whose rounding would otherwise reach the solve.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayView2, ArrayView3};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
+
+use super::matrix_file::{self, Failure};
 
 /// The metadata key holding [`PriorMeta`] as JSON.
 const META_KEY: &str = "time_onnx.prior";
@@ -100,31 +101,22 @@ pub enum PriorFileError {
     },
 }
 
-/// Writes `prior` as `C [d, d] f64` with `meta`, atomically.
-pub fn save(path: &Path, prior: &Prior, meta: &PriorMeta) -> Result<(), PriorFileError> {
-    let invalid = |why: String| PriorFileError::Invalid {
-        path: path.to_path_buf(),
-        why,
-    };
-    let d = prior.dim();
-    let data: Vec<u8> = prior.gram.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![d, d], &data)
-        .map_err(|e| invalid(e.to_string()))?;
-    let json = serde_json::to_string(meta).map_err(|e| invalid(e.to_string()))?;
-    let bytes = safetensors::serialize(
-        [("C", view)],
-        Some(HashMap::from([(META_KEY.to_string(), json)])),
-    )
-    .map_err(|e| invalid(e.to_string()))?;
-    crate::staged::write_file(path, |w| w.write_all(&bytes)).map_err(|source| PriorFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+impl PriorFileError {
+    fn from_failure(path: &Path, failure: Failure) -> Self {
+        let path = path.to_path_buf();
+        match failure {
+            Failure::Io(source) => Self::Io { path, source },
+            Failure::Invalid(why) => Self::Invalid { path, why },
+        }
+    }
 }
 
-/// The largest width a prior file may claim (SDXL's 2048, with room): the
-/// size is checked before anything is allocated.
-const MAX_WIDTH: usize = 8192;
+/// Writes `prior` as `C [d, d] f64` with `meta`, atomically.
+pub fn save(path: &Path, prior: &Prior, meta: &PriorMeta) -> Result<(), PriorFileError> {
+    let data: Vec<u8> = prior.gram.iter().flat_map(|v| v.to_le_bytes()).collect();
+    matrix_file::save(path, ("C", Dtype::F64, prior.dim(), &data), META_KEY, meta)
+        .map_err(|f| PriorFileError::from_failure(path, f))
+}
 
 /// Reads a prior file: Cₚ (checked square, finite, symmetric) and its metadata.
 pub fn load(path: &Path) -> Result<(Prior, PriorMeta), PriorFileError> {
@@ -132,33 +124,11 @@ pub fn load(path: &Path) -> Result<(Prior, PriorMeta), PriorFileError> {
         path: path.to_path_buf(),
         why,
     };
-    let bytes = std::fs::read(path).map_err(|source| PriorFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| invalid(format!("no {META_KEY:?} metadata")))?;
-    let meta: PriorMeta = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+    let (meta, data) =
+        matrix_file::load(path, ("C", Dtype::F64), META_KEY, |m: &PriorMeta| m.width)
+            .map_err(|f| PriorFileError::from_failure(path, f))?;
     let d = meta.width;
-    if d == 0 || d > MAX_WIDTH {
-        return Err(invalid(format!("width {d} is not in 1..={MAX_WIDTH}")));
-    }
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let t = st.tensor("C").map_err(|e| invalid(e.to_string()))?;
-    if t.dtype() != safetensors::Dtype::F64 || t.shape() != [d, d] {
-        return Err(invalid(format!(
-            "C is {:?} {:?}, expected F64 [{d}, {d}]",
-            t.dtype(),
-            t.shape()
-        )));
-    }
-    let values: Vec<f64> = t
-        .data()
+    let values: Vec<f64> = data
         .chunks_exact(8)
         .map(|c| f64::from_le_bytes(c.try_into().expect("chunks of 8")))
         .collect();
