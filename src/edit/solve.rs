@@ -16,7 +16,9 @@
 //! Aᵀ − I = P·Y with P `[d, r]` orthonormal; while 2r < d, editing a weight
 //! as Wᵀ + P·(Y·Wᵀ) takes 2r/d of the multiplications of Aᵀ·Wᵀ (0.74 for
 //! SD 1.x with the example above). P orthonormal keeps rounding as small as
-//! the dense product's, and makes ‖Y·Wᵀ‖ the size of the change.
+//! the dense product's, and makes ‖Y·Wᵀ‖ the size of the change. When as
+//! many positions move as half the width (many edits solved together),
+//! factors would save nothing and Aᵀ is formed dense.
 //!
 //! Everything is accumulated in f64: M's condition number reaches 1e5 on
 //! real prompts and the float32 reference is off by ~6e-4 relative. M is
@@ -239,6 +241,21 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
         return Ok(Operator::identity(d));
     }
     let shift = &c_star.select(Axis(0), &moved) - &c.select(Axis(0), &moved);
+    if 2 * moved.len() >= d {
+        // As many moved positions as half the width (many edits at once):
+        // factors would save nothing, and forming Σ c (c* − c)ᵀ `[d, d]`
+        // once costs a quarter of B = M⁻¹·C and its QR.
+        let mut m = regularized_gram(c.view(), lambda);
+        if let Some(p) = preserve {
+            m.scaled_add(p.scale, &p.gram);
+        }
+        let moved_c = c.select(Axis(0), &moved);
+        let mut at = solve_spd(&m, &moved_c.t().dot(&shift), lambda)?;
+        at.diag_mut().mapv_inplace(|x| x + 1.0);
+        return Ok(Operator {
+            repr: Repr::Dense(at),
+        });
+    }
     // Aᵀ − I = M⁻¹·Σ c (c* − c)ᵀ = B·S with B = M⁻¹·C `[d, k]` (the moved
     // positions' c as columns) and S their shifts as rows `[k, d]`.
     // With B = Q·R: B·S = Q·(R·S), Q orthonormal.

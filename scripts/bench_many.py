@@ -1,0 +1,133 @@
+"""Benchmark: many edits with a preservation prior against one edit, on the full-size SD 1.4 model.
+
+    python3 scripts/bench_many.py [--runs N] [--no-write] [--rev REV]
+
+Issue 17's bar: 20 edits solved together with a 1,000-prompt preservation prior solve and apply in
+at most 1.5x the time of one edit, beyond their text encoder runs. Both are `time-onnx edit
+--dry-run -v` on third_party/sd14-random (built by scripts/make_full_size_model.py when missing),
+each run its own process after a quiet-machine wait, alternating; the figure is the sum of the
+"solve" and "apply" stages that the edit logs (the text encoder and tokenizer stages are what the
+bar leaves out). The prior is built once by `time-onnx prior`, and its time (text encoder batches
+included) is reported. The 1,000 prompts are preserve/sd.txt's lines crossed with ten photographic
+and painterly framings (ours), the first 1,000.
+
+Writes the "## many edits" section of BENCHMARKS.md unless --no-write.
+"""
+from __future__ import annotations
+
+import _venv
+
+if __name__ == "__main__":
+    _venv.bootstrap(__file__)
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from _bench import (REPO, binary_env, build_time_onnx, cpu_flags, loadavg, run_measured, say, sh,  # noqa: E402
+                    verdict, wait_quiet, write_section)
+
+MODEL = REPO / "third_party" / "sd14-random"
+TMP = REPO / "third_party" / "bench-many-tmp"
+FRAMINGS = ["", "a photo of ", "a painting of ", "a close-up of ", "a drawing of ", "a picture of ",
+            "an old photograph of ", "a sketch of ", "a watercolor of ", "a film still of "]
+EDITS = [  # (source, destination): 20 assumptions at once, none of them in preserve/sd.txt
+    ("a rose", "a blue rose"), ("a pack of roses", "a pack of blue roses"), ("a frog", "a purple frog"),
+    ("a nurse", "a male nurse"), ("a doctor", "a female doctor"), ("a banana", "a red banana"),
+    ("a strawberry", "a white strawberry"), ("an ice cream", "a green ice cream"), ("a sunflower", "a pink sunflower"),
+    ("a carrot", "a purple carrot"), ("a flamingo", "a white flamingo"), ("a crow", "a white crow"),
+    ("a zebra", "a zebra without stripes"), ("a cherry", "a yellow cherry"), ("a lemon", "a blue lemon"),
+    ("a fire truck", "a green fire truck"), ("a school bus", "a red school bus"), ("a tiger", "a white tiger"),
+    ("a polar bear", "a brown polar bear"), ("a tomato", "an orange tomato"),
+]
+ONE = [EDITS[1]]
+STAGE = re.compile(r"(solve|apply|text encoder|tokenize) (\d+) ms")
+
+
+def prompts() -> list[str]:
+    lines = [line.strip() for line in (REPO / "preserve" / "sd.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    return [f + p for f in FRAMINGS for p in lines][:1000]
+
+
+def stages(stderr: str) -> dict[str, int]:
+    line = next((l for l in stderr.splitlines() if "timings:" in l), "")
+    return {name: int(ms) for name, ms in STAGE.findall(line)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rev")
+    args = ap.parse_args()
+    if not MODEL.exists():
+        say(f"{MODEL} missing: building it with scripts/make_full_size_model.py")
+        subprocess.check_call([sys.executable, str(REPO / "scripts" / "make_full_size_model.py"), "--out", str(MODEL)])
+    binary, build_what, _ = build_time_onnx(args.rev)
+    env = binary_env(binary)
+    TMP.mkdir(parents=True, exist_ok=True)
+    (TMP / "prompts.txt").write_text("\n".join(prompts()) + "\n")
+    for name, pairs in (("many.csv", EDITS), ("one.csv", ONE)):
+        (TMP / name).write_text("src,dst\n" + "".join(f"{s},{d}\n" for s, d in pairs))
+    prior = TMP / "prior.safetensors"
+    wait_quiet()
+    r = run_measured([str(binary), "prior", "--model", str(MODEL), "--prompts", str(TMP / "prompts.txt"),
+                      "-o", str(prior)], env)
+    if r.rc != 0:
+        raise SystemExit(f"prior failed: {r.stderr}")
+    prior_line = r.stdout.strip()
+    say(f"prior: {r.wall:.2f} s wall; {prior_line}")
+    unet = str(MODEL / "unet" / "model.onnx")
+    cmds = {
+        "one": [str(binary), "-v", "edit", unet, "--edits", str(TMP / "one.csv"), "--dry-run"],
+        "many": [str(binary), "-v", "edit", unet, "--edits", str(TMP / "many.csv"), "--prior", str(prior),
+                 "--dry-run"],
+    }
+    got: dict[str, list[dict[str, int]]] = {"one": [], "many": []}
+    for k in range(args.runs + 1):
+        for name, cmd in cmds.items():
+            wait_quiet()
+            r = run_measured(cmd, env)
+            if r.rc != 0:
+                raise SystemExit(f"{name} failed: {r.stderr}")
+            s = stages(r.stderr)
+            say(f"{'warmup' if k == 0 else f'round {k}'} {name}: {s} (others' CPU {r.foreign:.2f} s)")
+            if k:
+                got[name].append(s)
+    med = {name: statistics.median(s["solve"] + s["apply"] for s in runs) for name, runs in got.items()}
+    ratio = med["many"] / med["one"]
+    cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+    section = "\n".join([
+        "## many edits",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} with `python3 scripts/bench_many.py --runs {args.runs}`; "
+        f"time-onnx built from {build_what}. Machine: {sh('nproc')} cores, {cpu} (flags: {cpu_flags()}); "
+        f"load average {loadavg()} after the runs.",
+        "",
+        f"- prior of 1,000 prompts (`time-onnx prior`, batches of 64 through the text encoder): {prior_line}",
+        "- one edit: `edit --edits one.csv --dry-run` (\"A pack of roses\" → \"A pack of blue roses\", "
+        "TIME's augmentations, no preservation); many: 20 edits with `--prior` (1,000 prompts, scale 0.1)",
+        "",
+        "| run | solve + apply per round (ms) | median |",
+        "|---|---|---:|",
+        *[f"| {name} | {', '.join(str(s['solve'] + s['apply']) for s in runs)} | {med[name]:.0f} |"
+          for name, runs in got.items()],
+        "",
+        "| bar | measured | |",
+        "|---|---|---|",
+        f"| 20 edits + 1,000-prompt prior ≤ 1.5 × one edit (solve + apply) | {med['many']:.0f} / {med['one']:.0f} = "
+        f"**{ratio:.2f} ×** | {verdict(ratio <= 1.5)} |",
+        "",
+    ])
+    print(section)
+    if not args.no_write:
+        write_section("many edits", section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
