@@ -47,16 +47,8 @@ pub fn read(path: &Path) -> Result<Vec<Row>, EvalError> {
     };
     let (pos, neg) = (pairs("positive", "gt")?, pairs("negative", "gn")?);
     let mut rows = Vec::new();
-    for (line, cells) in body {
-        if cells.iter().all(|c| c.trim().is_empty()) {
-            continue;
-        }
-        let cell = |i: usize| {
-            cells
-                .get(i)
-                .map(|c| c.trim().to_owned())
-                .unwrap_or_default()
-        };
+    for (line, cells) in filled(body) {
+        let cell = |i: usize| cell(cells, i);
         let collect = |which: &[(usize, usize)]| -> Result<Vec<(String, String)>, EvalError> {
             let mut out = Vec::new();
             for &(a, b) in which {
@@ -105,16 +97,8 @@ pub fn read_edit_pairs(path: &Path) -> Result<Vec<PromptPair>, EvalError> {
         }
     };
     let mut pairs = Vec::new();
-    for (line, cells) in body {
-        if cells.iter().all(|c| c.trim().is_empty()) {
-            continue;
-        }
-        let cell = |i: usize| {
-            cells
-                .get(i)
-                .map(|c| c.trim().to_owned())
-                .unwrap_or_default()
-        };
+    for (line, cells) in filled(body) {
+        let cell = |i: usize| cell(cells, i);
         let (source, destination) = (cell(src), cell(dst));
         if source.is_empty() || destination.is_empty() {
             return Err(bad(*line, "empty source or destination prompt".into()));
@@ -147,6 +131,21 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>, EvalError> {
         return Err(bad_line(path)(1, "no prompts in the file".into()));
     }
     Ok(prompts)
+}
+
+/// The records with a non-blank cell.
+fn filled(body: &[Record]) -> impl Iterator<Item = (&usize, &Vec<String>)> {
+    body.iter()
+        .map(|(line, cells)| (line, cells))
+        .filter(|(_, cells)| cells.iter().any(|c| !c.trim().is_empty()))
+}
+
+/// Cell `i`, trimmed; a missing cell is empty.
+fn cell(cells: &[String], i: usize) -> String {
+    cells
+        .get(i)
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The error for `path` at a line.
