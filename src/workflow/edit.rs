@@ -76,6 +76,9 @@ pub enum Preserve {
     Prompts(Vec<String>),
     /// A prior file written by `time-onnx prior` with the same text encoder.
     Prior(PathBuf),
+    /// A prior already built with this text encoder: eval builds one for
+    /// all its rows instead of embedding the prompts again for each.
+    Built(Prior),
 }
 
 impl EditRequest {
@@ -274,9 +277,10 @@ pub fn run_with_progress(
     progress(Progress::TextEncoder);
     let (emb, prior) = embed(encoder, &text, req)?;
     clock.lap("text encoder");
-    let prior = match prior_file {
-        Some((path, file)) => Some(check_prior(path, file, emb.dim().2, &mut fingerprint)?),
-        None => prior,
+    let prior = match (prior_file, &req.preserve) {
+        (Some((path, file)), _) => Some(check_prior(path, file, emb.dim().2, &mut fingerprint)?),
+        (None, Preserve::Built(built)) => Some(built.clone()),
+        (None, _) => prior,
     };
     let n = text.pairs.len();
     let (src, dst) = match &text.uce {

@@ -17,6 +17,7 @@ use ndarray::{Array3, Array4, ArrayD, Axis, concatenate};
 use serde::{Deserialize, Serialize};
 
 use crate::edit::Operator;
+use crate::edit::prior::Prior;
 use crate::edit::record::{self, PromptPair};
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
 use crate::pipeline::denoise::Guidance;
@@ -24,6 +25,8 @@ use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{label, png};
 use crate::runtime::{LoadError, Runtime, SessionOptions};
+use crate::text::ClipTokenizer;
+use crate::text::encoder::TextEncoder;
 use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest, Preserve};
 use crate::workflow::generate::{GenerateError, Generator, Params};
 
@@ -252,9 +255,9 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         return Err(EvalJobError::NothingToDo);
     }
     let rows = eval::dataset::read(&req.dataset)?;
-    let preserve = match &req.preserve {
-        Some((path, _)) => Preserve::Prompts(eval::dataset::read_prompts(path)?),
-        None => Preserve::Nothing,
+    let kept = match &req.preserve {
+        Some((path, _)) => Some(eval::dataset::read_prompts(path)?),
+        None => None,
     };
     let range = req.rows.clone().unwrap_or(0..rows.len());
     if range.start >= range.end || range.end > rows.len() {
@@ -307,6 +310,11 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     let per_row = |r: &Row| 3 * (1 + r.positives.len() + r.negatives.len());
     let total: usize = todo.iter().map(|&i| per_row(&rows[i])).sum();
     let mut done = 0;
+    // The preservation prior, built once for every row's edit.
+    let preserve = match &kept {
+        Some(prompts) => Preserve::Built(build_prior(&rt, &generator, prompts, req.session)?),
+        None => Preserve::Nothing,
+    };
     let text_side = (
         generator.model.text_encoder.clone(),
         generator.model.tokenizer.clone(),
@@ -372,6 +380,22 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     // Also when every row was done already: `--resume` then re-renders the report.
     save(&req.output, &report)?;
     Ok(report)
+}
+
+/// Cₚ of `prompts` with the model's text encoder and tokenizer.
+fn build_prior(
+    rt: &Runtime,
+    generator: &Generator,
+    prompts: &[String],
+    session: SessionOptions,
+) -> Result<Prior, EditJobError> {
+    let tok = ClipTokenizer::from_dir(&generator.model.tokenizer)?;
+    let ids = prompts
+        .iter()
+        .map(|p| tok.encode_padded(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut encoder = TextEncoder::open(rt, &generator.model.text_encoder, session)?;
+    crate::workflow::prior::embed_prior(&mut encoder, prompts, &ids)
 }
 
 /// Rows solved together must not ask one source for two destinations.
