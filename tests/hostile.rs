@@ -1179,3 +1179,14 @@ fn bad_edit_lists_and_priors_are_named() {
     assert!(err.contains("another text encoder"), "{err}");
     assert!(!out.exists(), "foreign prior: output written");
 }
+
+/// A guide concept without the source's words is UCE's erase: the error
+/// says which flag does that.
+#[test]
+fn a_replacement_without_the_source_words_points_to_erase() {
+    let (dir, o) = edit_in_temp("Van Gogh", "art", &[]);
+    let err = assert_clean_error(&o, "replacement without --erase");
+    assert!(err.contains("lacks the word \"van\""), "{err}");
+    assert!(err.contains("--erase"), "{err}");
+    assert!(!dir.path().join("out.onnx").exists());
+}

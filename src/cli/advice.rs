@@ -4,7 +4,7 @@
 
 use std::error::Error;
 
-use time_onnx::edit::WeightError;
+use time_onnx::edit::{EditError, WeightError};
 use time_onnx::eval::EvalError;
 use time_onnx::pipeline::denoise::DenoiseError;
 use time_onnx::runtime::SessionError;
@@ -122,6 +122,11 @@ fn edit(e: &EditJobError) -> Option<Wording> {
         EditJobError::Weight(WeightError::Overflow { .. }) => {
             Some(Wording::Then("; use a larger --lambda or a float32 model"))
         }
+        // Concept replacement ("Van Gogh" → "art") is short; long prompts
+        // keep the error readable without the hint.
+        EditJobError::Edit(EditError::MissingWord { src, .. }) if src.len() <= 60 => {
+            Some(Wording::Then("; --erase replaces a concept by other words"))
+        }
         EditJobError::ValuesOnlyOperator => Some(Wording::Instead(
             "--save-operator cannot represent a values-only edit: an operator changes the text \
              embeddings, which reach keys and values alike; drop --values-only or write an edited \
@@ -143,6 +148,7 @@ fn eval(e: &EvalJobError) -> Option<Wording> {
             ": pass --resume to continue it, or choose another output folder",
         )),
         EvalJobError::OtherSettings { .. } => Some(Wording::Then("; --resume needs the same")),
+        EvalJobError::ConflictingRows { .. } => Some(Wording::Then(" (choose rows with --rows)")),
         _ => None,
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use std::io::{IsTerminal, Write};
-use time_onnx::edit::{DEFAULT_AUGMENTATIONS, EditError, Targets};
+use time_onnx::edit::{DEFAULT_AUGMENTATIONS, Targets};
 
 use time_onnx::edit::record::PromptPair;
 use time_onnx::eval::dataset::{read_edit_pairs, read_prompts};
@@ -173,19 +173,8 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     if tty {
         eprint!("\r\x1b[K");
     }
-    let report = result.map_err(|e| {
-        let hint = match &e {
-            // Concept replacement ("Van Gogh" → "art") is short; long
-            // prompts keep the error readable without the hint.
-            edit::EditJobError::Edit(EditError::MissingWord { src, .. })
-                if !req.erase && src.len() <= 60 =>
-            {
-                " (--erase replaces a concept by other words)"
-            }
-            _ => "",
-        };
-        anyhow::Error::from(e).context(format!("editing {what}{hint}"))
-    })?;
+    let report = result.with_context(|| format!("editing {what}"))?;
+
     print_report(&report, dry_run, req.save_operator.as_deref());
     Ok(())
 }

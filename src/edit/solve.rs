@@ -240,16 +240,13 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
     if moved.is_empty() {
         return Ok(Operator::identity(d));
     }
-    let shift = &c_star.select(Axis(0), &moved) - &c.select(Axis(0), &moved);
+    let moved_c = c.select(Axis(0), &moved);
+    let shift = &c_star.select(Axis(0), &moved) - &moved_c;
     if 2 * moved.len() >= d {
         // As many moved positions as half the width (many edits at once):
         // factors would save nothing, and forming Σ c (c* − c)ᵀ `[d, d]`
         // once costs a quarter of B = M⁻¹·C and its QR.
-        let mut m = regularized_gram(c.view(), lambda);
-        if let Some(p) = preserve {
-            m.scaled_add(p.scale, &p.gram);
-        }
-        let moved_c = c.select(Axis(0), &moved);
+        let m = system(&c, lambda, preserve);
         let mut at = solve_spd(&m, &moved_c.t().dot(&shift), lambda)?;
         at.diag_mut().mapv_inplace(|x| x + 1.0);
         return Ok(Operator {
@@ -261,11 +258,11 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
     // With B = Q·R: B·S = Q·(R·S), Q orthonormal.
     let b = match preserve {
         None => inverse_times_moved(&c, &moved, lambda)?,
-        Some(p) => {
-            let mut m = regularized_gram(c.view(), lambda);
-            m.scaled_add(p.scale, &p.gram);
-            solve_spd(&m, &c.select(Axis(0), &moved).reversed_axes(), lambda)?
-        }
+        Some(_) => solve_spd(
+            &system(&c, lambda, preserve),
+            &moved_c.reversed_axes(),
+            lambda,
+        )?,
     };
     let (q, r) = b
         .qr()
@@ -278,6 +275,15 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
             at: OnceLock::new(),
         },
     })
+}
+
+/// M = λI + Σ c cᵀ (+ s·Cₚ) `[d, d] f64` for the rows c `[n, d]`.
+fn system(c: &Array2<f64>, lambda: f64, preserve: Option<Preservation<'_>>) -> Array2<f64> {
+    let mut m = regularized_gram(c.view(), lambda);
+    if let Some(p) = preserve {
+        m.scaled_add(p.scale, &p.gram);
+    }
+    m
 }
 
 /// B = M⁻¹·C `[d, k] f64`, M = λI + cᵀ·c, for the rows c `[n, d]` and C the

@@ -283,16 +283,14 @@ pub fn run_with_progress(
         (None, _) => prior,
     };
     let n = text.pairs.len();
-    let (src, dst) = match &text.uce {
-        Some(positions) => uce_rows(&emb, positions),
-        None => (
-            emb.slice(s![..n, .., ..]).to_owned(),
-            emb.slice(s![n.., .., ..]).to_owned(),
-        ),
+    let gathered = text.uce.as_ref().map(|positions| uce_rows(&emb, positions));
+    let (src, dst) = match &gathered {
+        Some((src, dst)) => (src.view(), dst.view()),
+        None => (emb.slice(s![..n, .., ..]), emb.slice(s![n.., .., ..])),
     };
     let operator = edit::solve_preserving(
-        src.view(),
-        dst.view(),
+        src,
+        dst,
         &text.maps,
         req.lambda,
         prior.as_ref().map(|p| Preservation {

@@ -17,7 +17,6 @@ use ndarray::{Array3, Array4, ArrayD, Axis, concatenate};
 use serde::{Deserialize, Serialize};
 
 use crate::edit::Operator;
-use crate::edit::prior::Prior;
 use crate::edit::record::{self, PromptPair};
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
 use crate::pipeline::denoise::Guidance;
@@ -25,10 +24,9 @@ use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{label, png};
 use crate::runtime::{LoadError, Runtime, SessionOptions};
-use crate::text::ClipTokenizer;
-use crate::text::encoder::TextEncoder;
 use crate::workflow::edit::{self as edit_flow, EditJobError, EditRequest, Preserve};
 use crate::workflow::generate::{GenerateError, Generator, Params};
+use crate::workflow::prior as prior_flow;
 
 /// What to evaluate and how.
 #[derive(Clone, Debug)]
@@ -169,10 +167,10 @@ pub struct Report {
 /// Everything that can stop an evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalJobError {
-    /// `--all-at-once` with rows that edit one source two ways.
+    /// Rows to solve together that edit one source two ways.
     #[error(
         "rows conflict: {source_prompt:?} is edited both to {first:?} and to {second:?}; \
-         --all-at-once needs one destination per source (choose rows with --rows)"
+         solving every row at once needs one destination per source"
     )]
     ConflictingRows {
         /// The source prompt.
@@ -312,7 +310,17 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     let mut done = 0;
     // The preservation prior, built once for every row's edit.
     let preserve = match &kept {
-        Some(prompts) => Preserve::Built(build_prior(&rt, &generator, prompts, req.session)?),
+        Some(prompts) => {
+            let model = &generator.model;
+            let (prior, _) = prior_flow::build(
+                &rt,
+                &model.text_encoder,
+                &model.tokenizer,
+                prompts,
+                req.session,
+            )?;
+            Preserve::Built(prior)
+        }
         None => Preserve::Nothing,
     };
     let text_side = (
@@ -380,22 +388,6 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     // Also when every row was done already: `--resume` then re-renders the report.
     save(&req.output, &report)?;
     Ok(report)
-}
-
-/// Cₚ of `prompts` with the model's text encoder and tokenizer.
-fn build_prior(
-    rt: &Runtime,
-    generator: &Generator,
-    prompts: &[String],
-    session: SessionOptions,
-) -> Result<Prior, EditJobError> {
-    let tok = ClipTokenizer::from_dir(&generator.model.tokenizer)?;
-    let ids = prompts
-        .iter()
-        .map(|p| tok.encode_padded(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut encoder = TextEncoder::open(rt, &generator.model.text_encoder, session)?;
-    crate::workflow::prior::embed_prior(&mut encoder, prompts, &ids)
 }
 
 /// Rows solved together must not ask one source for two destinations.

@@ -2,7 +2,7 @@
 //! Cₚ = Σ cₚcₚᵀ → a prior file that every later edit with this text encoder
 //! can reuse (`edit --prior`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::edit::prior::{self, Prior, PriorMeta};
@@ -51,22 +51,13 @@ pub fn run(req: &PriorRequest) -> Result<PriorReport, EditJobError> {
     if req.prompts.is_empty() {
         return Err(EditJobError::NoPriorPrompts);
     }
-    let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
-    let ids = req
-        .prompts
-        .iter()
-        .map(|p| tok.encode_padded(p))
-        .collect::<Result<Vec<_>, _>>()?;
     let fingerprint = weights_fingerprint(&Model::open(&req.text_encoder)?)?;
     let rt = Runtime::load()?;
     let opts = SessionOptions {
         device: Device::Cpu,
         ..SessionOptions::default()
     };
-    let mut encoder = TextEncoder::open(&rt, &req.text_encoder, opts)?;
-    let encoding = Instant::now();
-    let prior = embed_prior(&mut encoder, &req.prompts, &ids)?;
-    let encoder_time = encoding.elapsed();
+    let (prior, encoder_time) = build(&rt, &req.text_encoder, &req.tokenizer, &req.prompts, opts)?;
     let meta = PriorMeta {
         prompts: prior.prompts(),
         width: prior.dim(),
@@ -80,6 +71,26 @@ pub fn run(req: &PriorRequest) -> Result<PriorReport, EditJobError> {
         encoder_time,
         total_time: start.elapsed(),
     })
+}
+
+/// Cₚ of `prompts` with this text encoder and tokenizer, and the time spent
+/// in the text encoder's runs.
+pub fn build(
+    rt: &Runtime,
+    text_encoder: &Path,
+    tokenizer: &Path,
+    prompts: &[String],
+    opts: SessionOptions,
+) -> Result<(Prior, Duration), EditJobError> {
+    let tok = ClipTokenizer::from_dir(tokenizer)?;
+    let ids = prompts
+        .iter()
+        .map(|p| tok.encode_padded(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut encoder = TextEncoder::open(rt, text_encoder, opts)?;
+    let encoding = Instant::now();
+    let prior = embed_prior(&mut encoder, prompts, &ids)?;
+    Ok((prior, encoding.elapsed()))
 }
 
 /// Cₚ of `prompts` (tokenized as `ids`), through the text encoder
