@@ -25,6 +25,7 @@ fn request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
         model: model.to_path_buf(),
         dataset: dataset.to_path_buf(),
         rows: None,
+        shard: None,
         seeds: 2,
         steps: 3,
         guidance: 7.5,

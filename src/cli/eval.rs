@@ -1,5 +1,5 @@
 //! `time-onnx eval`: the paper's efficacy, generality and specificity on a
-//! TIMED-format dataset.
+//! TIMED-format dataset; `--shard` and `--merge` cut it across machines.
 
 use std::io::{IsTerminal, Write};
 use std::ops::Range;
@@ -12,20 +12,32 @@ use time_onnx::eval::ClassifierSpec;
 use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
 use time_onnx::workflow::eval::{self, EvalRequest};
+use time_onnx::workflow::merge::{self, MergeRequest};
 
 use super::{DeviceArg, finite, parse_scheduler, parse_size, resolve_device};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// The model folder (diffusers/optimum ONNX layout).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "merge")]
+    model: Option<PathBuf>,
     /// A TIMED-format CSV: old,new,positive1,gt1,…,positive5,gt5,negative1,gn1,…,negative5,gn5.
-    #[arg(long)]
-    dataset: PathBuf,
+    #[arg(long, required_unless_present = "merge")]
+    dataset: Option<PathBuf>,
     /// Rows to run, e.g. 0..8 (default: all).
     #[arg(long, value_parser = parse_range)]
     rows: Option<Range<usize>>,
+    /// Evaluate only shard K (from 0) of N contiguous slices of the rows, e.g. 2/4; `--merge`
+    /// combines the shards' reports.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Merge these shards' report folders into --output instead of evaluating: the report one
+    /// run over every row writes (each shard checked: digest, grids, settings by content).
+    #[arg(long, value_name = "DIR", num_args = 1.., conflicts_with_all = [
+        "model", "dataset", "rows", "shard", "seeds", "steps", "guidance", "lambda", "preserve",
+        "all_at_once", "scheduler", "classifier", "resume", "batch", "device", "max_memory", "threads",
+    ])]
+    merge: Vec<PathBuf>,
     /// Images per prompt, seeds 0..N (each seed's latents as `generate --seed k` draws them).
     #[arg(long, default_value_t = 8)]
     seeds: usize,
@@ -76,6 +88,21 @@ pub struct EvalArgs {
     threads: Option<usize>,
 }
 
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (k, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a shard like 2/4"))?;
+    let n_ = |t: &str| t.trim().parse::<usize>().map_err(|e| format!("{t:?}: {e}"));
+    let (k, n) = (n_(k)?, n_(n)?);
+    if k >= n {
+        return Err(format!(
+            "shard {k}/{n}: shards are numbered from 0 to {}",
+            n.saturating_sub(1)
+        ));
+    }
+    Ok((k, n))
+}
+
 fn parse_range(s: &str) -> Result<Range<usize>, String> {
     let (a, b) = s
         .split_once("..")
@@ -89,6 +116,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         model,
         dataset,
         rows,
+        shard,
+        merge,
         seeds,
         steps,
         guidance,
@@ -105,6 +134,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         max_memory,
         threads,
     } = args;
+    let (Some(model), Some(dataset)) = (model, dataset) else {
+        return merge_shards(merge, output);
+    };
     let rt = Runtime::load()?;
     let session = SessionOptions {
         device: resolve_device(&rt, device),
@@ -115,6 +147,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         model,
         dataset,
         rows,
+        shard,
         seeds,
         steps,
         guidance,
@@ -131,25 +164,44 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
+    // Logs (a cluster's workers, CI) get a line every tenth of the way.
+    let mut logged = 0;
     let mut bar = |done: usize, total: usize| {
-        if !tty || total == 0 {
+        if total == 0 {
             return;
         }
         let elapsed = start.elapsed().as_secs_f64();
         let eta = elapsed / done as f64 * (total - done) as f64;
-        eprint!(
-            "\rgenerations {done}/{total}  {:.0}%  ETA {:.0}:{:02.0} ",
+        let line = format!(
+            "generations {done}/{total}  {:.0}%  ETA {:.0}:{:02.0}",
             100.0 * done as f64 / total as f64,
             (eta / 60.0).floor(),
             eta % 60.0
         );
-        if done == total {
-            eprintln!();
+        if tty {
+            eprint!("\r{line} ");
+            if done == total {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        } else if done * 10 / total > logged {
+            logged = done * 10 / total;
+            eprintln!("{line}");
         }
-        let _ = std::io::stderr().flush();
     };
     let report = eval::run(&req, &mut bar).context("evaluating")?;
-    for (variant, s) in &report.average {
+    print_means(&report.average);
+    println!(
+        "{} rows in {:.1} s; report in {}",
+        report.rows.len(),
+        start.elapsed().as_secs_f64(),
+        output.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn print_means(average: &std::collections::BTreeMap<String, time_onnx::eval::Scores>) {
+    for (variant, s) in average {
         println!(
             "{variant:>9}: efficacy {:5.1}%  generality {:5.1}%  specificity {:5.1}%",
             100.0 * s.efficacy,
@@ -157,10 +209,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             100.0 * s.specificity
         );
     }
+}
+
+/// `eval --merge DIR… -o OUT`.
+fn merge_shards(shards: Vec<PathBuf>, output: PathBuf) -> anyhow::Result<()> {
+    let report = merge::run(&MergeRequest {
+        shards,
+        output: output.clone(),
+    })
+    .context("merging")?;
+    print_means(&report.average);
     println!(
-        "{} rows in {:.1} s; report in {}",
+        "{} rows merged; report in {}",
         report.rows.len(),
-        start.elapsed().as_secs_f64(),
         output.join("report.md").display()
     );
     Ok(())

@@ -6,6 +6,8 @@
 
 pub mod clip;
 pub mod dataset;
+pub mod digest;
+pub mod report;
 pub mod toy;
 
 use std::path::{Path, PathBuf};

@@ -8,17 +8,19 @@
 //! one text-encoder run and a 768×768 solve, never a UNet file or a session
 //! rebuild.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ndarray::{Array3, Array4, ArrayD, Axis, concatenate};
-use serde::{Deserialize, Serialize};
 
 use crate::edit::Operator;
 use crate::edit::record::{self, PromptPair};
-use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Pick, Row, Scores};
+use crate::eval::report::{
+    self, Inputs, Preservation, PromptResult, Report, ReportError, RowResult, Set, Settings, Shard,
+    Variant,
+};
+use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Row, digest};
 use crate::pipeline::denoise::Guidance;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
@@ -37,6 +39,10 @@ pub struct EvalRequest {
     pub dataset: PathBuf,
     /// Which rows (all when `None`).
     pub rows: Option<Range<usize>>,
+    /// Only shard `k` of `n` contiguous slices of those rows, `(k, n)`: a
+    /// report that `merge` combines with the other shards' into the one the
+    /// whole range gives.
+    pub shard: Option<(usize, usize)>,
     /// Seeds 0..seeds, one image each, per prompt.
     pub seeds: usize,
     /// Denoising steps.
@@ -65,103 +71,6 @@ pub struct EvalRequest {
     pub session: SessionOptions,
     /// Bytes a batch may need (the memory available when `None`).
     pub max_memory: Option<u64>,
-}
-
-/// The settings a report was made with; `--resume` requires the same.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
-    /// The model folder.
-    pub model: String,
-    /// The dataset file.
-    pub dataset: String,
-    /// Seeds per prompt.
-    pub seeds: usize,
-    /// Denoising steps.
-    pub steps: usize,
-    /// Guidance scale.
-    pub guidance: f64,
-    /// λ.
-    pub lambda: f64,
-    /// The preservation prompt file and scale, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preservation: Option<String>,
-    /// Whether every row's edit was solved together.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub all_at_once: bool,
-    /// Scheduler name.
-    pub scheduler: String,
-    /// Classifier (`toy` or `clip:<dir>`).
-    pub classifier: String,
-    /// The tool that wrote it.
-    pub tool: String,
-}
-
-/// Which model drew an image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Variant {
-    /// The original model.
-    Unedited,
-    /// The model after this row's edit.
-    Edited,
-    /// The original model given the destination-style prompts.
-    Oracle,
-}
-
-/// Which of the row's prompt sets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Set {
-    /// `old` (efficacy).
-    Source,
-    /// `positiveK` (generality).
-    Positive,
-    /// `negativeK` (specificity).
-    Negative,
-}
-
-/// The judgments of one prompt's images.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PromptResult {
-    /// Model variant.
-    pub variant: Variant,
-    /// Prompt set.
-    pub set: Set,
-    /// The prompt generated.
-    pub prompt: String,
-    /// The two candidates the classifier chose between (the original-style
-    /// one first).
-    pub candidates: [String; 2],
-    /// Per seed: which one it showed.
-    pub picks: Vec<Option<Pick>>,
-}
-
-/// One row's outcome.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RowResult {
-    /// Its index in the dataset.
-    pub index: usize,
-    /// Source prompt.
-    pub old: String,
-    /// Destination prompt.
-    pub new: String,
-    /// Scores per variant.
-    pub scores: BTreeMap<String, Scores>,
-    /// Every prompt's judgments.
-    pub prompts: Vec<PromptResult>,
-    /// Wall time of the row.
-    pub seconds: f64,
-}
-
-/// Everything written to `results.json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Report {
-    /// How it was made.
-    pub settings: Settings,
-    /// Rows done so far, in dataset order.
-    pub rows: Vec<RowResult>,
-    /// Mean scores over the rows, per variant.
-    pub average: BTreeMap<String, Scores>,
 }
 
 /// Everything that can stop an evaluation.
@@ -203,6 +112,19 @@ pub enum EvalJobError {
         /// The dataset's row count.
         rows: usize,
     },
+    /// A shard that does not exist.
+    #[error(
+        "no shard {index}/{count}: rows {}..{} make at most {} shards, numbered from 0",
+        .range.start, .range.end, .range.len()
+    )]
+    Shard {
+        /// The shard asked for.
+        index: usize,
+        /// Of how many.
+        count: usize,
+        /// The rows to cut.
+        range: Range<usize>,
+    },
     /// A report exists where a new one would go.
     #[error("{} exists", .0.display())]
     ReportExists(PathBuf),
@@ -214,17 +136,9 @@ pub enum EvalJobError {
         /// The settings it records.
         settings: Box<Settings>,
     },
-    /// A `results.json` that does not parse.
-    #[error("{}: {source}", .path.display())]
-    BadReport {
-        /// The file.
-        path: PathBuf,
-        /// What serde saw.
-        source: serde_json::Error,
-    },
-    /// The report could not be serialised.
-    #[error("cannot serialise the report: {0}")]
-    Serialise(#[source] serde_json::Error),
+    /// Reading or writing the report.
+    #[error(transparent)]
+    Report(#[from] ReportError),
     /// An array operation on the images failed.
     #[error("images of {prompt:?}: {why}")]
     Images {
@@ -264,10 +178,22 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
             rows: rows.len(),
         });
     }
+    let shard = match req.shard {
+        Some((index, count)) => Some(Shard::of(range.clone(), index, count).ok_or(
+            EvalJobError::Shard {
+                index,
+                count,
+                range: range.clone(),
+            },
+        )?),
+        None => None,
+    };
+    let scored = shard.as_ref().map_or(range.clone(), Shard::rows);
     if req.all_at_once {
         refuse_conflicts(&rows[range.clone()])?;
     }
-    let mut report = previous_report(&req.output.join("results.json"), req)?;
+    let settings = settings(req, inputs(req)?);
+    let mut report = previous_report(&req.output.join("results.json"), req, settings, shard)?;
     if !req.output.is_dir() {
         std::fs::create_dir_all(&req.output).map_err(|source| EvalJobError::Io {
             path: req.output.clone(),
@@ -301,8 +227,7 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         scheduler: Some(req.scheduler),
         eta: 0.0,
     };
-    let todo: Vec<usize> = range
-        .clone()
+    let todo: Vec<usize> = scored
         .filter(|i| !report.rows.iter().any(|r| r.index == *i))
         .collect();
     let per_row = |r: &Row| 3 * (1 + r.positives.len() + r.negatives.len());
@@ -343,7 +268,8 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         };
         Ok(edit_flow::run(&req)?.operator)
     };
-    // All at once: one operator for every row of the range, resumed or not.
+    // All at once: one operator for every row of the range (every shard's
+    // rows, not only this shard's), resumed or not.
     let together = if req.all_at_once {
         Some(edit(&rows[range.clone()])?)
     } else {
@@ -369,24 +295,29 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
         })?;
         let scores = [Variant::Unedited, Variant::Edited, Variant::Oracle]
             .into_iter()
-            .map(|v| (variant_name(v).to_string(), score(&prompts, v)))
+            .map(|v| {
+                (
+                    report::variant_name(v).to_string(),
+                    report::score(&prompts, v),
+                )
+            })
             .collect();
-        write_grid(&req.output.join(format!("row-{i:02}.png")), &grid_images)?;
-        report.rows.push(RowResult {
+        let grid = write_grid(&req.output.join(format!("row-{i:02}.png")), &grid_images)?;
+        report.push(RowResult {
             index: i,
             old: row.old.clone(),
             new: row.new.clone(),
             scores,
             prompts,
+            grid,
             seconds: start.elapsed().as_secs_f64(),
         });
-        report.rows.sort_by_key(|r| r.index);
-        report.average = average(&report.rows);
-        save(&req.output, &report)?;
+        report::save(&req.output, &report)?;
     }
     generator.set_operator(None);
     // Also when every row was done already: `--resume` then re-renders the report.
-    save(&req.output, &report)?;
+    report.seal();
+    report::save(&req.output, &report)?;
     Ok(report)
 }
 
@@ -511,58 +442,52 @@ fn row_cases(row: &Row) -> Vec<(Set, String, String)> {
     cases
 }
 
-fn variant_name(v: Variant) -> &'static str {
-    match v {
-        Variant::Unedited => "unedited",
-        Variant::Edited => "edited",
-        Variant::Oracle => "oracle",
-    }
-}
+/// The model folder's files an evaluation reads (generation and the toy
+/// judge), which its report names by content.
+const MODEL_READS: [&str; 7] = [
+    "text_encoder",
+    "tokenizer",
+    "unet",
+    "vae_decoder",
+    "vae/config.json",
+    "scheduler",
+    "world.json",
+];
 
-/// The share of images that went the way an edit wants: sources and
-/// positives to the destination-style prompt (B), negatives to their own (A).
-fn score(prompts: &[PromptResult], variant: Variant) -> Scores {
-    let share = |set: Set, want: Pick| {
-        let picks: Vec<_> = prompts
-            .iter()
-            .filter(|p| p.variant == variant && p.set == set)
-            .flat_map(|p| &p.picks)
-            .collect();
-        let hits = picks.iter().filter(|p| ***p == Some(want)).count();
-        hits as f64 / picks.len().max(1) as f64
+/// The digests of what `req` reads.
+fn inputs(req: &EvalRequest) -> Result<Inputs, EvalJobError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EvalJobError::Io { path, source }
     };
-    Scores {
-        efficacy: share(Set::Source, Pick::B),
-        generality: share(Set::Positive, Pick::B),
-        specificity: share(Set::Negative, Pick::A),
-    }
-}
-
-fn average(rows: &[RowResult]) -> BTreeMap<String, Scores> {
-    ["unedited", "edited", "oracle"]
-        .into_iter()
-        .map(|v| {
-            (
-                v.to_string(),
-                Scores::mean(rows.iter().filter_map(|r| r.scores.get(v))),
-            )
-        })
-        .collect()
+    Ok(Inputs {
+        model: digest::tree(&req.model, &MODEL_READS).map_err(io(&req.model))?,
+        dataset: digest::file(&req.dataset).map_err(io(&req.dataset))?,
+        preservation: match &req.preserve {
+            Some((path, _)) => Some(digest::file(path).map_err(io(path))?),
+            None => None,
+        },
+        classifier: match &req.classifier {
+            ClassifierSpec::Clip(dir) => Some(digest::tree(dir, &[""]).map_err(io(dir))?),
+            ClassifierSpec::Toy => None,
+        },
+    })
 }
 
 /// The settings `req` records in its report.
-fn settings(req: &EvalRequest) -> Settings {
+fn settings(req: &EvalRequest, inputs: Inputs) -> Settings {
     Settings {
         model: req.model.display().to_string(),
         dataset: req.dataset.display().to_string(),
+        inputs,
         seeds: req.seeds,
         steps: req.steps,
         guidance: req.guidance,
         lambda: req.lambda,
-        preservation: req
-            .preserve
-            .as_ref()
-            .map(|(path, scale)| format!("{} at scale {scale}", path.display())),
+        preservation: req.preserve.as_ref().map(|(path, scale)| Preservation {
+            prompts: path.display().to_string(),
+            scale: *scale,
+        }),
         all_at_once: req.all_at_once,
         scheduler: req.scheduler.to_string(),
         classifier: req.classifier.to_string(),
@@ -570,34 +495,28 @@ fn settings(req: &EvalRequest) -> Settings {
     }
 }
 
-/// The report to continue: the existing one with `--resume` (same settings
-/// required), a fresh one otherwise (refusing to overwrite results).
-fn previous_report(path: &Path, req: &EvalRequest) -> Result<Report, EvalJobError> {
-    let settings = &settings(req);
-    let fresh = Report {
-        settings: settings.clone(),
-        rows: Vec::new(),
-        average: BTreeMap::new(),
-    };
+/// The report to continue: the existing one with `--resume` (the same
+/// settings, by content, and the same shard required), a fresh one otherwise
+/// (refusing to overwrite results).
+fn previous_report(
+    path: &Path,
+    req: &EvalRequest,
+    settings: Settings,
+    shard: Option<Shard>,
+) -> Result<Report, EvalJobError> {
     if !path.exists() {
-        return Ok(fresh);
+        return Ok(Report::new(settings, shard));
     }
     if !req.resume {
         return Err(EvalJobError::ReportExists(path.to_path_buf()));
     }
-    let text = std::fs::read_to_string(path).map_err(|source| EvalJobError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let old: Report = serde_json::from_str(&text).map_err(|source| EvalJobError::BadReport {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let old = report::read(path)?;
+    // The tool may have been rebuilt between runs; everything else must match.
     let comparable = |s: &Settings| Settings {
         tool: String::new(),
-        ..s.clone()
+        ..s.identity()
     };
-    if comparable(&old.settings) != comparable(settings) {
+    if comparable(&old.settings) != comparable(&settings) || old.shard != shard {
         return Err(EvalJobError::OtherSettings {
             path: path.to_path_buf(),
             settings: Box::new(old.settings),
@@ -606,74 +525,10 @@ fn previous_report(path: &Path, req: &EvalRequest) -> Result<Report, EvalJobErro
     Ok(old)
 }
 
-fn save(dir: &Path, report: &Report) -> Result<(), EvalJobError> {
-    use std::io::Write;
-    let json = serde_json::to_string_pretty(report).map_err(EvalJobError::Serialise)?;
-    for (name, text) in [("results.json", json), ("report.md", markdown(report))] {
-        let path = dir.join(name);
-        crate::staged::write_file(&path, |w| w.write_all(text.as_bytes()))
-            .map_err(|source| EvalJobError::Io { path, source })?;
-    }
-    Ok(())
-}
-
-/// The report as the paper's table: one line per row and variant, then the means.
-pub fn markdown(report: &Report) -> String {
-    let s = &report.settings;
-    let mut out = format!(
-        "# TIME evaluation\n\n{} on `{}`, dataset `{}`: {} seeds per prompt, {} {} steps, guidance {}, \
-         λ = {}, classifier `{}`.\n\n\
-         Efficacy: source-prompt images classified as the destination; generality: positives \
-         classified as their destination-style prompt; specificity: negatives classified as \
-         themselves. Oracle: the unedited model given the destination-style prompts (negatives \
-         unchanged).\n\n\
-         | row | edit | model | efficacy | generality | specificity |\n|---|---|---|---:|---:|---:|\n",
-        s.tool,
-        s.model,
-        s.dataset,
-        s.seeds,
-        s.steps,
-        s.scheduler,
-        s.guidance,
-        s.lambda,
-        s.classifier
-    );
-    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
-    for r in &report.rows {
-        for (k, v) in ["unedited", "edited", "oracle"]
-            .iter()
-            .filter_map(|k| Some((k, r.scores.get(*k)?)))
-        {
-            out.push_str(&format!(
-                "| {} | {} → {} | {k} | {} | {} | {} |\n",
-                r.index,
-                r.old,
-                r.new,
-                pct(v.efficacy),
-                pct(v.generality),
-                pct(v.specificity)
-            ));
-        }
-    }
-    out.push_str("\n**Mean over rows**\n\n| model | efficacy | generality | specificity |\n|---|---:|---:|---:|\n");
-    for (k, v) in &report.average {
-        out.push_str(&format!(
-            "| {k} | {} | {} | {} |\n",
-            pct(v.efficacy),
-            pct(v.generality),
-            pct(v.specificity)
-        ));
-    }
-    out.push_str(
-        "\nGrids: `row-NN.png`, one line per prompt (source, positives, negatives), captioned \
-                  with it, the first seeds unedited on the left, edited on the right.\n",
-    );
-    out
-}
-
 /// One line per prompt, captioned with it: its first images unedited, then
 /// edited, under those two headings.
-fn write_grid(path: &Path, images: &GridImages) -> Result<(), EvalJobError> {
+/// Returns the PNG's SHA-256, for the report.
+fn write_grid(path: &Path, images: &GridImages) -> Result<Option<String>, EvalJobError> {
     let of = |variant| images.iter().filter(move |(v, _, _)| *v == variant);
     let cols = of(Variant::Unedited).next().map_or(0, |(_, _, i)| i.len());
     let mut tiles = Vec::new();
@@ -688,7 +543,7 @@ fn write_grid(path: &Path, images: &GridImages) -> Result<(), EvalJobError> {
     let k = 96usize.div_ceil(side).max(1);
     let tiles: Vec<Array3<f32>> = tiles.iter().map(|t| png::upscale(t.view(), k)).collect();
     let Some(grid) = png::grid(&tiles, 2 * cols, 2) else {
-        return Ok(());
+        return Ok(None);
     };
     let (h, w, _) = tiles[0].dim();
     let captions = label::Captions {
@@ -696,10 +551,12 @@ fn write_grid(path: &Path, images: &GridImages) -> Result<(), EvalJobError> {
         headings: vec!["unedited".into(), "edited".into()],
     };
     let grid = label::caption(&grid, (h, w), 2 * cols, 2, &captions);
-    png::write_png(path, grid.view(), &[]).map_err(|source| EvalJobError::Io {
+    let io = |source| EvalJobError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    png::write_png(path, grid.view(), &[]).map_err(io)?;
+    Ok(Some(digest::file(path).map_err(io)?))
 }
 
 /// `text` cut to `max` characters, ending in "..." when cut.

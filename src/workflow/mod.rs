@@ -4,4 +4,5 @@
 pub mod edit;
 pub mod eval;
 pub mod generate;
+pub mod merge;
 pub mod prior;
