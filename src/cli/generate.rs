@@ -11,7 +11,7 @@ use time_onnx::edit::operator_file::{self, OperatorMeta};
 use time_onnx::pipeline::png::{read_npy, write_npy, write_png};
 use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
-use time_onnx::workflow::generate::{Generator, Images, Params};
+use time_onnx::workflow::generate::{Generator, ImageText, Images, Params};
 
 use super::{DeviceArg, finite, parse_scheduler, parse_size, resolve_device};
 
@@ -168,7 +168,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         scheduler,
         eta,
     };
-    let text = ImageText::of(&generator, &model, &params, &operators)?;
+    let metas: Vec<&OperatorMeta> = operators.iter().map(|(_, m)| m).collect();
+    let text = ImageText::of(&generator, &model, &params, &metas)?;
     // Every prompt through the text encoder first, then free it: the UNet
     // loads next and peak memory is the larger of the two, not their sum.
     let embeddings = prompts
@@ -254,35 +255,6 @@ fn read_latents(path: &Path) -> anyhow::Result<ndarray::ArrayD<f32>> {
     ndarray::ArrayD::from_shape_vec(shape, data).context("latents")
 }
 
-/// What every PNG of a run records beside its own prompt and index.
-struct ImageText {
-    model: String,
-    unet: String,
-    scheduler: String,
-    edits: String,
-    operators: String,
-    safety_checker: bool,
-}
-
-impl ImageText {
-    fn of(
-        generator: &Generator,
-        model: &Path,
-        params: &Params,
-        operators: &[(Operator, OperatorMeta)],
-    ) -> anyhow::Result<Self> {
-        let metas: Vec<&OperatorMeta> = operators.iter().map(|(_, m)| m).collect();
-        Ok(Self {
-            model: model.display().to_string(),
-            unet: generator.unet_path.display().to_string(),
-            scheduler: generator.scheduler_kind(params)?.to_string(),
-            edits: serde_json::to_string(&generator.edits).context("recording the UNet's edits")?,
-            operators: serde_json::to_string(&metas).context("recording the edit operators")?,
-            safety_checker: generator.has_safety_checker(),
-        })
-    }
-}
-
 /// The float images of one prompt as one .npy.
 fn write_array(output: &Path, tag: Option<usize>, images: &Images) -> anyhow::Result<()> {
     let path = numbered(output, tag, None);
@@ -306,31 +278,7 @@ fn write_pngs(
     let n = images.pixels.shape()[0];
     for (i, img) in images.pixels.outer_iter().enumerate() {
         let path = numbered(output, tag, (n > 1).then_some(i));
-        let chunks: Vec<(String, String)> = [
-            ("prompt", prompt.to_string()),
-            ("negative_prompt", params.negative_prompt.clone()),
-            ("seed", params.seed.to_string()),
-            ("image_index", i.to_string()),
-            ("steps", params.steps.to_string()),
-            ("scheduler", text.scheduler.clone()),
-            ("guidance", params.guidance.to_string()),
-            (
-                "safety_checker",
-                safety_text(text.safety_checker, images.flagged[i]),
-            ),
-            ("size", format!("{}x{}", params.width, params.height)),
-            ("model", text.model.clone()),
-            ("unet", text.unet.clone()),
-            ("time_onnx.edits", text.edits.clone()),
-            ("time_onnx.operators", text.operators.clone()),
-            (
-                "Software",
-                format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let chunks = text.chunks(prompt, params, i, images.flagged[i]);
         write_png(&path, img, &chunks).with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
     }
@@ -397,13 +345,5 @@ fn progress_printer() -> impl FnMut(usize, usize) {
             eprintln!();
         }
         let _ = std::io::stderr().flush();
-    }
-}
-
-fn safety_text(ran: bool, flagged: bool) -> String {
-    match (ran, flagged) {
-        (false, _) => "not run".into(),
-        (true, false) => "passed".into(),
-        (true, true) => "flagged (image blacked out)".into(),
     }
 }

@@ -50,10 +50,20 @@ pub(crate) fn load<M: DeserializeOwned>(
     key: &str,
     width: impl Fn(&M) -> usize,
 ) -> Result<(M, Vec<u8>), Failure> {
-    let invalid = |why: String| Failure::Invalid(why);
     let bytes = std::fs::read(path).map_err(Failure::Io)?;
+    parse(&bytes, (name, dtype), key, width)
+}
+
+/// [`load`] from the file's bytes (an upload).
+pub(crate) fn parse<M: DeserializeOwned>(
+    bytes: &[u8],
+    (name, dtype): (&str, Dtype),
+    key: &str,
+    width: impl Fn(&M) -> usize,
+) -> Result<(M, Vec<u8>), Failure> {
+    let invalid = |why: String| Failure::Invalid(why);
     let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| invalid(e.to_string()))?;
     let json = header
         .metadata()
         .as_ref()
@@ -64,7 +74,7 @@ pub(crate) fn load<M: DeserializeOwned>(
     if d == 0 || d > MAX_WIDTH {
         return Err(invalid(format!("width {d} is not in 1..={MAX_WIDTH}")));
     }
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
     let t = st.tensor(name).map_err(|e| invalid(e.to_string()))?;
     if t.dtype() != dtype || t.shape() != [d, d] {
         return Err(invalid(format!(

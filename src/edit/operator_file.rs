@@ -94,14 +94,24 @@ pub fn save(path: &Path, op: &Operator, meta: &OperatorMeta) -> Result<(), Opera
 
 /// Reads an operator file: the operator (holding Aᵀ, f64) and its metadata.
 pub fn load(path: &Path) -> Result<(Operator, OperatorMeta), OperatorFileError> {
+    let bytes = std::fs::read(path).map_err(|source| OperatorFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&bytes, path)
+}
+
+/// [`load`] from a file's bytes (an upload); `path` names it in errors.
+pub fn parse(bytes: &[u8], path: &Path) -> Result<(Operator, OperatorMeta), OperatorFileError> {
     let invalid = |why: String| OperatorFileError::Invalid {
         path: path.to_path_buf(),
         why,
     };
-    let (meta, data) = matrix_file::load(path, ("A", Dtype::F32), META_KEY, |m: &OperatorMeta| {
-        m.width
-    })
-    .map_err(|f| OperatorFileError::from_failure(path, f))?;
+    let (meta, data) =
+        matrix_file::parse(bytes, ("A", Dtype::F32), META_KEY, |m: &OperatorMeta| {
+            m.width
+        })
+        .map_err(|f| OperatorFileError::from_failure(path, f))?;
     let d = meta.width;
     let values: Vec<f64> = data
         .chunks_exact(4)

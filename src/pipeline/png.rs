@@ -13,6 +13,15 @@ pub fn write_png(
     image: ArrayView3<f32>,
     text: &[(String, String)],
 ) -> std::io::Result<()> {
+    crate::staged::write_file(path, |file| encode_png(file, image, text))
+}
+
+/// The PNG [`write_png`] writes, into `out`.
+pub fn encode_png(
+    out: impl Write,
+    image: ArrayView3<f32>,
+    text: &[(String, String)],
+) -> std::io::Result<()> {
     let (h, w, c) = image.dim();
     if c != 3 {
         return Err(std::io::Error::new(
@@ -21,29 +30,36 @@ pub fn write_png(
         ));
     }
     let to_io = |e: png::EncodingError| std::io::Error::other(e.to_string());
-    crate::staged::write_file(path, |file| {
-        let mut enc = png::Encoder::new(file, w as u32, h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            if v.chars().all(|ch| (ch as u32) < 256) {
-                enc.add_text_chunk(k.clone(), v.clone()).map_err(to_io)?;
-            } else {
-                enc.add_itxt_chunk(k.clone(), v.clone()).map_err(to_io)?;
-            }
+    let mut enc = png::Encoder::new(out, w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    for (k, v) in text {
+        if v.chars().all(|ch| (ch as u32) < 256) {
+            enc.add_text_chunk(k.clone(), v.clone()).map_err(to_io)?;
+        } else {
+            enc.add_itxt_chunk(k.clone(), v.clone()).map_err(to_io)?;
         }
-        let mut writer = enc.write_header().map_err(to_io)?;
-        let bytes: Vec<u8> = image
-            .iter()
-            .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-            .collect();
-        writer.write_image_data(&bytes).map_err(to_io)?;
-        writer.finish().map_err(to_io)
-    })
+    }
+    let mut writer = enc.write_header().map_err(to_io)?;
+    writer.write_image_data(&to_bytes(image)).map_err(to_io)?;
+    writer.finish().map_err(to_io)
+}
+
+/// `[.., 3] f32` in [0, 1] as 8-bit values, as the PNG stores them.
+pub fn to_bytes<D: ndarray::Dimension>(image: ndarray::ArrayView<f32, D>) -> Vec<u8> {
+    image
+        .iter()
+        .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
 }
 
 /// Writes a little-endian f32 `.npy` (format 1.0), C order.
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
+    crate::staged::write_file(path, |f| encode_npy(f, shape, data))
+}
+
+/// The `.npy` [`write_npy`] writes, into `f`.
+pub fn encode_npy(mut f: impl Write, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let tuple = if dims.len() == 1 {
         format!("({},)", dims[0])
@@ -55,15 +71,13 @@ pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<
     let pad = (64 - (10 + header.len() + 1) % 64) % 64;
     header.push_str(&" ".repeat(pad));
     header.push('\n');
-    crate::staged::write_file(path, |f| {
-        f.write_all(b"\x93NUMPY\x01\x00")?;
-        f.write_all(&(header.len() as u16).to_le_bytes())?;
-        f.write_all(header.as_bytes())?;
-        for v in data {
-            f.write_all(&v.to_le_bytes())?;
-        }
-        Ok(())
-    })
+    f.write_all(b"\x93NUMPY\x01\x00")?;
+    f.write_all(&(header.len() as u16).to_le_bytes())?;
+    f.write_all(header.as_bytes())?;
+    for v in data {
+        f.write_all(&v.to_le_bytes())?;
+    }
+    Ok(())
 }
 
 /// Reads a little-endian f32 `.npy` (C order): shape and data.

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn};
+use ndarray::{Array2, Array3, Array4, ArrayD, ArrayView3, ArrayView4, Axis, IxDyn, concatenate};
 
 use crate::edit::Operator;
 use crate::edit::operator_file::OperatorMeta;
@@ -438,6 +438,66 @@ impl Generator {
         p: &Params,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Images, GenerateError> {
+        self.check_params(p)?;
+        let f = self.model.vae_factor;
+        let shape = [p.num_images, 4, p.height / f, p.width / f];
+        let mut rng = Rng::new(p.seed);
+        let latents = match &p.latents {
+            Some(l) => broadcast_latents(l, shape)?,
+            None => rng.randn(&shape),
+        };
+        let hidden = Guidance(p.guidance).text_batch(emb.view(), p.num_images);
+        self.denoise_and_decode(hidden, latents, p, &mut rng, progress)
+    }
+
+    /// One image per `(embeddings [2, 77, d], latents [1, 4, h/f, w/f])`,
+    /// every one with `p`'s size, steps, guidance and scheduler, denoised in
+    /// one batch: what a server does for requests that carry different
+    /// prompts and edits. With a deterministic scheduler each image is the
+    /// one [`Self::generate`] draws from that embedding and those latents
+    /// (the rows of a UNet batch do not mix); stochastic schedulers would
+    /// draw every image's noise from `p.seed`.
+    pub fn generate_each(
+        &mut self,
+        items: &[(ArrayView3<f32>, ArrayView4<f32>)],
+        p: &Params,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Images, GenerateError> {
+        let p = Params {
+            num_images: items.len(),
+            ..p.clone()
+        };
+        self.check_params(&p)?;
+        let f = self.model.vae_factor;
+        let want = [1, 4, p.height / f, p.width / f];
+        let shape_error = |e: ndarray::ShapeError| GenerateError::Shape(e.to_string());
+        let mut latents = Vec::new();
+        let (mut uncond, mut cond) = (Vec::new(), Vec::new());
+        for (emb, l) in items {
+            if l.shape() != want {
+                return Err(GenerateError::LatentsShape {
+                    got: l.shape().to_vec(),
+                    expected: [p.num_images, want[1], want[2], want[3]],
+                });
+            }
+            latents.push(l.view());
+            uncond.push(emb.slice(ndarray::s![0..1, .., ..]));
+            cond.push(emb.slice(ndarray::s![1..2, .., ..]));
+        }
+        let latents = concatenate(Axis(0), &latents).map_err(shape_error)?;
+        let rows = if Guidance(p.guidance).is_on() {
+            [uncond, cond].concat()
+        } else {
+            cond
+        };
+        let hidden = concatenate(Axis(0), &rows).map_err(shape_error)?;
+        let mut rng = Rng::new(p.seed);
+        self.denoise_and_decode(hidden, latents.into_dyn(), &p, &mut rng, progress)
+    }
+
+    /// Refuses a size the VAE cannot make, nothing to do, a non-finite
+    /// guidance, or more memory than allowed, before anything is allocated.
+    fn check_params(&self, p: &Params) -> Result<(), GenerateError> {
         let f = self.model.vae_factor;
         if p.height == 0
             || p.width == 0
@@ -456,15 +516,26 @@ impl Generator {
         if !p.guidance.is_finite() {
             return Err(GenerateError::Guidance(p.guidance));
         }
+        self.check_memory(p.num_images, Guidance(p.guidance), p.height, p.width)
+    }
+
+    /// Denoises `latents` with the UNet bound to `hidden` (the text batch)
+    /// and decodes them, the safety checker after.
+    fn denoise_and_decode(
+        &mut self,
+        hidden: Array3<f32>,
+        latents: ArrayD<f32>,
+        p: &Params,
+        rng: &mut Rng,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Images, GenerateError> {
         let n = p.num_images;
         let guidance = Guidance(p.guidance);
-        self.check_memory(n, guidance, p.height, p.width)?;
-        let shape = [n, 4, p.height / f, p.width / f];
         let kind = self.scheduler_kind(p)?;
         let mut scheduler = schedulers::build(&self.scheduler_config, kind, p.steps, p.eta)?;
         let vae_scale = self.model.vae_scaling_factor;
         let den = self.denoiser(guidance.rows(n))?;
-        let d = emb.shape()[2];
+        let d = hidden.shape()[2];
         if let Some(w) = den.unet.text_width()
             && w != d
         {
@@ -473,19 +544,13 @@ impl Generator {
                 encoder: d,
             });
         }
-        let mut rng = Rng::new(p.seed);
-        let latents = match &p.latents {
-            Some(l) => broadcast_latents(l, shape)?,
-            None => rng.randn(&shape),
-        };
-        let hidden = guidance.text_batch(emb.view(), n);
         let x = denoise(
             &mut den.unet,
             &mut scheduler,
             hidden.view(),
             latents,
             guidance,
-            &mut rng,
+            rng,
             progress,
         )?;
         let x: Array4<f32> = x
@@ -536,6 +601,77 @@ impl Generator {
             }
         };
         Ok(self.denoiser.insert(den))
+    }
+}
+
+/// What a PNG records beside its own prompt and index: the model, the
+/// UNet, the scheduler, the edits in the UNet and the operators applied, and
+/// whether a safety checker ran. `generate` and `serve` write the same.
+pub struct ImageText {
+    model: String,
+    unet: String,
+    scheduler: String,
+    edits: String,
+    operators: String,
+    safety_checker: bool,
+}
+
+impl ImageText {
+    /// The text for images `generator` makes from `model` with `params` and
+    /// the operators `operators` describe.
+    pub fn of(
+        generator: &Generator,
+        model: &Path,
+        params: &Params,
+        operators: &[&OperatorMeta],
+    ) -> Result<Self, GenerateError> {
+        // Plain records always serialise.
+        Ok(Self {
+            model: model.display().to_string(),
+            unet: generator.unet_path.display().to_string(),
+            scheduler: generator.scheduler_kind(params)?.to_string(),
+            edits: serde_json::to_string(&generator.edits).unwrap_or_default(),
+            operators: serde_json::to_string(operators).unwrap_or_default(),
+            safety_checker: generator.has_safety_checker(),
+        })
+    }
+
+    /// The text chunks of image `index` of `prompt` (flagged or not by the
+    /// safety checker).
+    pub fn chunks(
+        &self,
+        prompt: &str,
+        params: &Params,
+        index: usize,
+        flagged: bool,
+    ) -> Vec<(String, String)> {
+        let safety = match (self.safety_checker, flagged) {
+            (false, _) => "not run",
+            (true, false) => "passed",
+            (true, true) => "flagged (image blacked out)",
+        };
+        [
+            ("prompt", prompt.to_string()),
+            ("negative_prompt", params.negative_prompt.clone()),
+            ("seed", params.seed.to_string()),
+            ("image_index", index.to_string()),
+            ("steps", params.steps.to_string()),
+            ("scheduler", self.scheduler.clone()),
+            ("guidance", params.guidance.to_string()),
+            ("safety_checker", safety.to_string()),
+            ("size", format!("{}x{}", params.width, params.height)),
+            ("model", self.model.clone()),
+            ("unet", self.unet.clone()),
+            ("time_onnx.edits", self.edits.clone()),
+            ("time_onnx.operators", self.operators.clone()),
+            (
+                "Software",
+                format!("time-onnx {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 }
 

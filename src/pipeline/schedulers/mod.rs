@@ -150,6 +150,12 @@ impl SchedulerKind {
         }
     }
 
+    /// Whether its steps draw noise (with DDIM's η at 0): such images depend
+    /// on the batch they were drawn in, so a server never batches them.
+    pub fn draws_noise(self) -> bool {
+        self == Self::EulerAncestral
+    }
+
     /// The short name the CLI takes.
     pub fn cli_name(self) -> &'static str {
         match self {
