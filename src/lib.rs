@@ -25,6 +25,7 @@ pub mod eval;
 pub mod onnx;
 pub mod pipeline;
 pub mod runtime;
+pub mod serve;
 pub mod staged;
 pub mod text;
 pub mod workflow;

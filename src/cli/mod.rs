@@ -9,6 +9,7 @@ mod generate;
 mod grid;
 mod inspect;
 mod prior;
+mod serve;
 pub mod signals;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -48,6 +49,8 @@ enum Command {
     Prior(prior::PriorArgs),
     /// Score edits on a TIMED-format dataset: efficacy, generality, specificity (the paper's table).
     Eval(eval::EvalArgs),
+    /// Serve one model over HTTP, every request with its own edits (JSON API, Open Inference Protocol v2).
+    Serve(serve::ServeArgs),
     /// Tile PNG images into one, e.g. the same seeds before and after an edit.
     Grid(grid::GridArgs),
     /// Check which ONNX Runtime library is used and which execution providers work.
@@ -109,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Prior(args) => prior::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Grid(args) => grid::run(args),
         Command::Doctor => doctor::run(),
     }

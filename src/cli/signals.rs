@@ -80,3 +80,20 @@ pub fn install() {
         }
     }
 }
+
+/// Gives SIGINT, SIGTERM and SIGHUP their default actions back, for a
+/// command that handles them itself (`serve` drains its requests on SIGTERM
+/// instead of exiting at once; its files are unnamed until complete, so an
+/// interrupt leaves none behind).
+pub fn leave_interrupts_to_command() {
+    for sig in INTERRUPTS {
+        // SAFETY: restoring a default action.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            if old.sa_sigaction != libc::SIG_IGN {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+}
