@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::engine::{Drawn, ImageJob, Refused};
 use super::store::EditParams;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Body};
 use crate::edit::Operator;
 use crate::pipeline::png::{encode_npy, encode_png};
 use crate::pipeline::schedulers::SchedulerKind;
@@ -52,7 +51,7 @@ fn default_lambda() -> f64 {
 /// its id and record.
 pub(super) async fn create_edit(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let b: EditBody = parse(&body)?;
     if b.values_only {
@@ -130,7 +129,7 @@ fn compute(state: &AppState, p: &EditParams, id: &str) -> Result<(), ApiError> {
 /// `POST /v1/edits/upload`: an operator file made by `edit --save-operator`.
 pub(super) async fn upload_edit(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let st = state.clone();
     let (id, meta) = tokio::task::spawn_blocking(move || st.store.upload(&body))
@@ -192,7 +191,7 @@ pub(super) struct Ask {
 /// image `[1, h, w, 3]` as .npy.
 pub(super) async fn images(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let b: ImageBody = parse(&body)?;
     let output = b.output;

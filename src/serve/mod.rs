@@ -290,6 +290,28 @@ async fn count(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     response
 }
 
+/// A request's body, or a JSON error like every other (a body over the
+/// limit is a 413).
+pub(crate) struct Body(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|r| {
+                let message = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    "the request body is larger than this server accepts".to_string()
+                } else {
+                    r.body_text()
+                };
+                ApiError::new(r.status(), message)
+            })
+    }
+}
+
 /// A refused or failed request: its status and a one-line reason, as
 /// `{"error": "..."}` (the form the Open Inference Protocol uses too).
 #[derive(Debug)]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::api::{Ask, draw, parse};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Body};
 use crate::pipeline::png::to_bytes;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -125,7 +124,7 @@ struct Requested {
 pub(super) async fn infer(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     known(&state, &name)?;
     let req: InferRequest = parse(&body)?;
