@@ -587,3 +587,79 @@ fn a_full_queue_answers_503_and_sigterm_drains_what_is_in_flight() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// kB of a process's memory, from /proc (`VmRSS` now, `VmHWM` its peak).
+fn vm_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn two_hundred_requests_from_sixteen_clients_are_all_answered_in_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &tmp.path().join("ops"),
+        &["--max-queue", "8", "--max-batch", "4", "--timeout-s", "60"],
+    );
+    let ids: Vec<String> = ["a circle", "a square", "a triangle", "a diamond"]
+        .iter()
+        .map(|s| edit(&server, s, &s.replace("a ", "a red ")))
+        .collect();
+    let first = server.json("/v1/images", &image("a circle", 0, &[], "png"));
+    assert_eq!(first.status, 200);
+    let pid = server.child.id();
+    let after_first = vm_kb(pid, "VmRSS:");
+
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|client| {
+                let (server, ids) = (&server, &ids);
+                s.spawn(move || {
+                    // 200 requests in all: 12 or 13 each, mixed edits, some bad.
+                    let n = if client < 8 { 13 } else { 12 };
+                    (0..n)
+                        .map(|k| {
+                            let seed = (client * 13 + k) as u64;
+                            let body = match k % 5 {
+                                4 => json!({ "prompt": "a circle", "steps": 0 }),
+                                j => image("a circle", seed, &[&ids[j]], "png"),
+                            };
+                            server.json("/v1/images", &body).status
+                        })
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(statuses.len(), 200);
+    let count = |c: u16| statuses.iter().filter(|s| **s == c).count();
+    let (ok, busy, bad) = (count(200), count(503), count(400));
+    assert_eq!(ok + busy + bad, 200, "statuses: {statuses:?}");
+    assert_eq!(bad, 16 * 2, "the bad requests (k = 4, 9 of each client) are refused as such");
+    assert!(ok >= 16, "{ok} images");
+    let peak = vm_kb(pid, "VmHWM:");
+    assert!(
+        peak as f64 <= 1.5 * after_first as f64,
+        "peak RSS {peak} kB vs {after_first} kB after the first image"
+    );
+    assert_eq!(
+        server.request("GET", "/v2/health/ready", &[], b"").status,
+        200
+    );
+    let again = server.json("/v1/images", &image("a circle", 0, &[], "png"));
+    assert!(
+        again.body == first.body,
+        "the same request draws the same PNG afterwards"
+    );
+    eprintln!(
+        "{ok} images, {busy} × 503, {bad} × 400; peak RSS {peak} kB, {after_first} kB after the first image"
+    );
+}
