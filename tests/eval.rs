@@ -9,9 +9,9 @@ use serde_json::Value;
 use time_onnx::eval::toy::World;
 use time_onnx::eval::{ClassifierSpec, dataset};
 use time_onnx::pipeline::png::read_png;
-use time_onnx::pipeline::schedulers::SchedulerKind;
-use time_onnx::runtime::{Device, GraphOptimization, SessionOptions};
 use time_onnx::workflow::eval::{EvalJobError, EvalRequest, run};
+
+mod common;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -20,29 +20,7 @@ fn toy() -> PathBuf {
 }
 
 fn request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
-    EvalRequest {
-        max_memory: None,
-        model: model.to_path_buf(),
-        dataset: dataset.to_path_buf(),
-        rows: None,
-        shard: None,
-        seeds: 2,
-        steps: 3,
-        guidance: 7.5,
-        lambda: 10.0,
-        preserve: None,
-        all_at_once: false,
-        scheduler: SchedulerKind::Ddim,
-        batch: 16,
-        classifier: ClassifierSpec::Toy,
-        output: out.to_path_buf(),
-        resume: false,
-        session: SessionOptions {
-            device: Device::Cpu,
-            threads: None,
-            optimization: GraphOptimization::Extended,
-        },
-    }
+    common::eval_request(model, dataset, out)
 }
 
 #[test]

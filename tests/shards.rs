@@ -6,41 +6,21 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use time_onnx::eval::ClassifierSpec;
 use time_onnx::eval::report;
-use time_onnx::pipeline::schedulers::SchedulerKind;
-use time_onnx::runtime::{Device, GraphOptimization, SessionOptions};
 use time_onnx::workflow::eval::{EvalJobError, EvalRequest, run};
 use time_onnx::workflow::merge::{self, MergeError, MergeRequest};
+
+mod common;
 
 fn toy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/toy")
 }
 
 fn request(model: &Path, dataset: &str, out: &Path) -> EvalRequest {
-    EvalRequest {
-        max_memory: None,
-        model: model.to_path_buf(),
-        dataset: toy().join(dataset),
-        rows: None,
-        shard: None,
-        seeds: 2,
-        steps: 3,
-        guidance: 7.5,
-        lambda: 10.0,
-        preserve: None,
-        all_at_once: false,
-        scheduler: SchedulerKind::Ddim,
-        batch: 16,
-        classifier: ClassifierSpec::Toy,
-        output: out.to_path_buf(),
-        resume: false,
-        session: SessionOptions {
-            device: Device::Cpu,
-            threads: Some(1),
-            optimization: GraphOptimization::Extended,
-        },
-    }
+    let mut req = common::eval_request(model, &toy().join(dataset), out);
+    // One thread each: shards run side by side in some tests.
+    req.session.threads = Some(1);
+    req
 }
 
 /// Runs shard `k` of `n` of `req` into `dir`.

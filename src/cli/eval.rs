@@ -10,11 +10,11 @@ use anyhow::Context;
 use clap::Args;
 use time_onnx::eval::ClassifierSpec;
 use time_onnx::pipeline::schedulers::SchedulerKind;
-use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
+use time_onnx::runtime::Runtime;
 use time_onnx::workflow::eval::{self, EvalRequest};
 use time_onnx::workflow::merge::{self, MergeRequest};
 
-use super::{DeviceArg, finite, parse_scheduler, parse_size, resolve_device};
+use super::{DeviceArg, finite, parse_scheduler, parse_size, pipeline_session};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -138,11 +138,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         return merge_shards(merge, output);
     };
     let rt = Runtime::load()?;
-    let session = SessionOptions {
-        device: resolve_device(&rt, device),
-        threads,
-        optimization: GraphOptimization::Extended,
-    };
+    let session = pipeline_session(&rt, device, threads);
     let req = EvalRequest {
         model,
         dataset,

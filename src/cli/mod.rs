@@ -14,7 +14,7 @@ pub mod signals;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use time_onnx::pipeline::schedulers::SchedulerKind;
-use time_onnx::runtime::{Device, Runtime};
+use time_onnx::runtime::{Device, GraphOptimization, Runtime, SessionOptions};
 
 pub use advice::{one_line, usage_line};
 
@@ -177,6 +177,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// `--scheduler`: a CLI name or a diffusers class name.
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     s.parse::<SchedulerKind>().map_err(|e| e.to_string())
+}
+
+/// Session settings of a command that runs whole pipelines (eval, serve):
+/// the device resolved once, the default graph optimisation.
+fn pipeline_session(rt: &Runtime, device: DeviceArg, threads: Option<usize>) -> SessionOptions {
+    SessionOptions {
+        device: resolve_device(rt, device),
+        threads,
+        optimization: GraphOptimization::Extended,
+    }
 }
 
 /// The device every session of the run uses, decided once here so that

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
+use time_onnx::runtime::Runtime;
 use time_onnx::serve::engine::Batching;
 use time_onnx::serve::{self, Limits, ServeConfig};
 
-use super::{DeviceArg, parse_size, resolve_device};
+use super::{DeviceArg, parse_size, pipeline_session};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -96,11 +96,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let rt = Runtime::load()?;
-    let session = SessionOptions {
-        device: resolve_device(&rt, device),
-        threads,
-        optimization: GraphOptimization::Extended,
-    };
+    let session = pipeline_session(&rt, device, threads);
     let config = ServeConfig {
         model,
         unet,

@@ -5,12 +5,16 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
+use time_onnx::eval::ClassifierSpec;
 use time_onnx::onnx::Model;
 use time_onnx::onnx::patch::{Copying, TensorPatch, WriteError, Written};
 use time_onnx::pipeline::png::read_npy;
+use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::pipeline::schedulers::python_json;
+use time_onnx::runtime::GraphOptimization;
 use time_onnx::runtime::{Device, SessionOptions};
 use time_onnx::workflow::edit::EditRequest;
+use time_onnx::workflow::eval::EvalRequest;
 use time_onnx::workflow::generate::{GenerateError, Generator, Images, Params};
 
 /// `tests/fixtures`.
@@ -109,4 +113,32 @@ pub fn read_png_text(path: &Path) -> Vec<(String, String)> {
         out.push((t.keyword.clone(), t.get_text().unwrap()));
     }
     out
+}
+
+/// A small toy-world evaluation of `dataset` on `model` into `out`: 2 seeds,
+/// 3 DDIM steps, λ = 10, the toy judge, on the CPU.
+pub fn eval_request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
+    EvalRequest {
+        max_memory: None,
+        model: model.to_path_buf(),
+        dataset: dataset.to_path_buf(),
+        rows: None,
+        shard: None,
+        seeds: 2,
+        steps: 3,
+        guidance: 7.5,
+        lambda: 10.0,
+        preserve: None,
+        all_at_once: false,
+        scheduler: SchedulerKind::Ddim,
+        batch: 16,
+        classifier: ClassifierSpec::Toy,
+        output: out.to_path_buf(),
+        resume: false,
+        session: SessionOptions {
+            device: Device::Cpu,
+            threads: None,
+            optimization: GraphOptimization::Extended,
+        },
+    }
 }
