@@ -643,7 +643,11 @@ fn two_hundred_requests_from_sixteen_clients_are_all_answered_in_bounded_memory(
     let count = |c: u16| statuses.iter().filter(|s| **s == c).count();
     let (ok, busy, bad) = (count(200), count(503), count(400));
     assert_eq!(ok + busy + bad, 200, "statuses: {statuses:?}");
-    assert_eq!(bad, 16 * 2, "the bad requests (k = 4, 9 of each client) are refused as such");
+    assert_eq!(
+        bad,
+        16 * 2,
+        "the bad requests (k = 4, 9 of each client) are refused as such"
+    );
     assert!(ok >= 16, "{ok} images");
     let peak = vm_kb(pid, "VmHWM:");
     assert!(
@@ -662,4 +666,42 @@ fn two_hundred_requests_from_sixteen_clients_are_all_answered_in_bounded_memory(
     eprintln!(
         "{ok} images, {busy} × 503, {bad} × 400; peak RSS {peak} kB, {after_first} kB after the first image"
     );
+}
+
+/// `kill -9` at several moments of `POST /v1/edits`: the operator folder holds
+/// whole operator files or nothing, never a part of one or a temporary.
+#[test]
+fn a_kill_during_an_edit_leaves_no_partial_operator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ops = tmp.path().join("ops");
+    for (k, delay_ms) in [0u64, 30, 60, 90, 150, 300, 600].into_iter().enumerate() {
+        let mut server = Server::start(&ops, &[]);
+        let addr = server.addr.clone();
+        let body = json!({ "src": "a circle", "dst": format!("a blue circle {k}") }).to_string();
+        let client = std::thread::spawn(move || {
+            // The connection may be cut: any outcome but a hang is fine here.
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let head = format!(
+                "POST /v1/edits HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        client.join().unwrap();
+        for entry in std::fs::read_dir(&ops).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!name.starts_with('.'), "a temporary was left: {name}");
+            time_onnx::edit::operator_file::load(&path)
+                .unwrap_or_else(|e| panic!("kill after {delay_ms} ms left a broken {name}: {e}"));
+        }
+    }
+    let whole = std::fs::read_dir(&ops).unwrap().count();
+    eprintln!("7 kills: {whole} edits had completed, the others left nothing");
 }
