@@ -227,6 +227,7 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
         return Err(EditError::BadLambda { lambda });
     }
     check_shapes(src, dst, maps)?;
+    lapack_on_one_thread();
     if let Some(p) = &preserve {
         check_preservation(p, src.dim().2)?;
     }
@@ -431,6 +432,24 @@ fn check_finite(
             position,
         })
     }
+}
+
+unsafe extern "C" {
+    /// OpenBLAS's thread count for the LAPACK and BLAS calls that follow.
+    fn openblas_set_num_threads(n: std::ffi::c_int);
+}
+
+/// Runs OpenBLAS on one thread from now on. How many threads a Cholesky or
+/// QR factorisation is split over changes its result by a few ulps, and an
+/// operator's ulps reach the images (±1 in a few 8-bit pixels on the toy
+/// model): one thread, whatever the machine or `OMP_NUM_THREADS`, makes an
+/// edit the same everywhere, which is what lets shards of an evaluation run
+/// on different machines merge into one run's report. The factorisations
+/// are d × d (d ≤ 2048): milliseconds either way.
+fn lapack_on_one_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: a plain setter of OpenBLAS, which ndarray-linalg links.
+    ONCE.call_once(|| unsafe { openblas_set_num_threads(1) });
 }
 
 /// λI + xᵀ·x `[m, m] f64` for x `[n, m] f64`: with the rows c as x this is
