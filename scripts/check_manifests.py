@@ -1,6 +1,8 @@
 """Checks the Kubernetes manifests in docs/deploy.md and docs/cluster.md, which no cluster here can apply.
 
-    python3 scripts/check_manifests.py [--binary target/release/time-onnx]
+    third_party/venv-ray/bin/python scripts/check_manifests.py [--binary target/release/time-onnx]
+
+(Any Python with PyYAML; the Ray test's venv has it, pinned in scripts/requirements-ray.txt.)
 
 Every ```yaml block must parse (PyYAML, all documents) and each document must name its apiVersion, kind
 and metadata.name. Then what a mistake would silently break:
@@ -14,21 +16,19 @@ Exits 1 with one line per problem.
 """
 from __future__ import annotations
 
-import _venv
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
-if __name__ == "__main__":
-    _venv.bootstrap(__file__)
+try:
+    import yaml
+except ImportError:
+    sys.exit("check_manifests.py needs PyYAML: run it with third_party/venv-ray/bin/python (scripts/test_ray.sh makes it)")
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-REPO = _venv.REPO
+REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "docs" / "deploy.md", REPO / "docs" / "cluster.md"]
 PROBLEMS: list[str] = []
 

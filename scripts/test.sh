@@ -13,5 +13,11 @@ step "cargo clippy (warnings are errors)"
 cargo clippy --release --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --release --locked
+step "the serve page in headless chromium (installed when missing)"
+python3 scripts/test_browser.py
+step "sharded eval on a local Ray cluster (own venv; bounded)"
+scripts/test_ray.sh
+step "the manifests in docs/ (no cluster here applies them)"
+third_party/venv-ray/bin/python scripts/check_manifests.py
 step "fuzz targets build (scripts/fuzz.sh runs them)"
 cargo build --release --locked --manifest-path fuzz/Cargo.toml
