@@ -15,6 +15,8 @@ step "cargo test"
 cargo test --release --locked
 step "the serve page in headless chromium (installed when missing)"
 python3 scripts/test_browser.py
+step "serve through tritonclient's HTTP client (own venv; bounded)"
+python3 scripts/test_v2_client.py
 step "sharded eval on a local Ray cluster (own venv; bounded)"
 scripts/test_ray.sh
 step "the manifests in docs/ (no cluster here applies them)"
