@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -116,7 +116,7 @@ fn compute(state: &AppState, p: &EditParams, id: &str) -> Result<(), ApiError> {
         save_operator: Some(state.store.path(id)?),
         ..EditRequest::new(
             state.model.text_encoder.clone(),
-            state.model.tokenizer.clone(),
+            state.model.tokenizer_dir.clone(),
             p.src.clone(),
             p.dst.clone(),
         )
@@ -126,16 +126,73 @@ fn compute(state: &AppState, p: &EditParams, id: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, chain(&e)))
 }
 
-/// `POST /v1/edits/upload`: an operator file made by `edit --save-operator`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadBody {
+    /// The operator file, base64 (standard alphabet, padded).
+    operator: String,
+}
+
+/// `POST /v1/edits/upload`: an operator file made by `edit --save-operator`,
+/// as the body itself or, with `Content-Type: application/json`, as
+/// `{"operator": "<base64>"}`.
 pub(super) async fn upload_edit(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let file = if json {
+        let b: UploadBody = parse(&body)?;
+        base64_decode(&b.operator).ok_or_else(|| {
+            ApiError::bad("operator is not valid base64 (standard alphabet, padded)")
+        })?
+    } else {
+        body.to_vec()
+    };
     let st = state.clone();
-    let (id, meta) = tokio::task::spawn_blocking(move || st.store.upload(&body))
+    let (id, meta) = tokio::task::spawn_blocking(move || st.store.upload(&file))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))??;
     Ok(Json(json!({ "id": id, "record": meta })))
+}
+
+/// Standard base64 (RFC 4648, padded, whitespace allowed between groups);
+/// `None` when it is not.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !digits.len().is_multiple_of(4) {
+        return None;
+    }
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(digits.len() / 4 * 3);
+    let groups = digits.len() / 4;
+    for (g, quad) in digits.chunks_exact(4).enumerate() {
+        let pad = quad.iter().rev().take_while(|c| **c == b'=').count();
+        if pad > 2 || (pad > 0 && g + 1 != groups) || quad[..4 - pad].contains(&b'=') {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..4 - pad]);
+    }
+    Some(out)
 }
 
 /// `GET /v1/edits/{id}`: the edit's record.
@@ -195,7 +252,7 @@ pub(super) async fn images(
 ) -> Result<Response, ApiError> {
     let b: ImageBody = parse(&body)?;
     let output = b.output;
-    let drawn = draw(
+    let (drawn, warnings) = draw(
         &state,
         Ask {
             prompt: b.prompt,
@@ -233,7 +290,28 @@ pub(super) async fn images(
         Output::Png => "image/png",
         Output::Npy => "application/octet-stream",
     };
-    Ok(([(header::CONTENT_TYPE, kind)], bytes).into_response())
+    let mut response = ([(header::CONTENT_TYPE, kind)], bytes).into_response();
+    warn(&mut response, &warnings);
+    Ok(response)
+}
+
+/// Adds one `Warning: 299` header per warning (non-ASCII escaped).
+pub(super) fn warn(response: &mut Response, warnings: &[String]) {
+    for w in warnings {
+        let quoted: String = w
+            .chars()
+            .map(|c| match c {
+                ' ' => " ".to_string(),
+                '"' | '\\' => format!("\\{c}"),
+                c if c.is_ascii_graphic() => c.to_string(),
+                c => c.escape_default().to_string(),
+            })
+            .collect();
+        let text = format!("299 time-onnx \"{quoted}\"");
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, v);
+        }
+    }
 }
 
 fn check_text(what: &str, text: &str, max: usize) -> Result<(), ApiError> {
@@ -249,7 +327,13 @@ fn check_text(what: &str, text: &str, max: usize) -> Result<(), ApiError> {
 
 /// Checks `ask` against the limits, loads and composes its edits, queues it
 /// and waits (at most the timeout) for its image.
-pub(super) async fn draw(state: &Arc<AppState>, ask: Ask) -> Result<Drawn, ApiError> {
+///
+/// Alongside the image: warnings for the client (a prompt longer than the
+/// text encoder's window, with the words it drops, as `generate` warns).
+pub(super) async fn draw(
+    state: &Arc<AppState>,
+    ask: Ask,
+) -> Result<(Drawn, Vec<String>), ApiError> {
     let limits = state.config.limits;
     check_text("prompt", &ask.prompt, limits.max_prompt_chars)?;
     check_text(
@@ -257,6 +341,23 @@ pub(super) async fn draw(state: &Arc<AppState>, ask: Ask) -> Result<Drawn, ApiEr
         &ask.negative_prompt,
         limits.max_prompt_chars,
     )?;
+    let mut warnings = Vec::new();
+    for (what, text) in [
+        ("prompt", &ask.prompt),
+        ("negative_prompt", &ask.negative_prompt),
+    ] {
+        let dropped = state
+            .model
+            .tokenizer
+            .dropped_text(text)
+            .map_err(|e| ApiError::bad(format!("{what}: {e}")))?;
+        if let Some(words) = dropped {
+            warnings.push(format!(
+                "the {what} is longer than the text encoder's {} tokens; dropped: {words:?}",
+                state.model.tokenizer.max_len()
+            ));
+        }
+    }
     let steps = ask.steps.unwrap_or(DEFAULT_STEPS);
     if steps == 0 || steps > limits.max_steps {
         return Err(ApiError::bad(format!(
@@ -359,7 +460,7 @@ pub(super) async fn draw(state: &Arc<AppState>, ask: Ask) -> Result<Drawn, ApiEr
             StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             failure.message,
         )),
-        Ok(Ok(Ok(drawn))) => Ok(drawn),
+        Ok(Ok(Ok(drawn))) => Ok((drawn, warnings)),
     }
 }
 

@@ -64,7 +64,9 @@ impl From<GenerateError> for Failure {
             | GenerateError::Guidance(_)
             | GenerateError::NothingToDo
             | GenerateError::NonFiniteEmbedding(_)
-            | GenerateError::Text(_) => 400,
+            | GenerateError::Text(_)
+            // Steps or a scheduler the model's schedule cannot take.
+            | GenerateError::Scheduler(_) => 400,
             _ => 500,
         };
         Failure {

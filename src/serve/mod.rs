@@ -123,7 +123,9 @@ struct ModelInfo {
     /// The name `/v2/models/{name}` answers to: the folder's name.
     name: String,
     text_encoder: PathBuf,
-    tokenizer: PathBuf,
+    tokenizer_dir: PathBuf,
+    /// For the requests' prompt-length warnings.
+    tokenizer: crate::text::ClipTokenizer,
     default_size: (usize, usize),
     vae_factor: usize,
 }
@@ -149,7 +151,9 @@ pub fn run(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), Se
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
         text_encoder,
-        tokenizer: generator.model.tokenizer.clone(),
+        tokenizer_dir: generator.model.tokenizer.clone(),
+        tokenizer: crate::text::ClipTokenizer::from_dir(&generator.model.tokenizer)
+            .map_err(GenerateError::from)?,
         default_size: generator.default_size(),
         vae_factor: generator.model.vae_factor,
     };

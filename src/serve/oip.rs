@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::api::{Ask, draw, parse};
+use super::api::{Ask, draw, parse, warn};
 use super::{ApiError, AppState, Body};
 use crate::pipeline::png::to_bytes;
 
@@ -319,7 +319,7 @@ pub(super) async fn infer(
             "unknown output {bad:?}: image (UINT8) or image_fp32 (FP32)"
         )));
     }
-    let drawn = draw(&state, ask).await?;
+    let (drawn, warnings) = draw(&state, ask).await?;
     let (h, w, c) = drawn.pixels.dim();
     let mut tail: Vec<u8> = Vec::new();
     let mut outputs = Vec::new();
@@ -353,8 +353,13 @@ pub(super) async fn infer(
     if let Some(id) = req.id {
         response["id"] = json!(id);
     }
+    if !warnings.is_empty() {
+        response["parameters"] = json!({ "warnings": warnings });
+    }
     if tail.is_empty() {
-        return Ok(Json(response).into_response());
+        let mut r = Json(response).into_response();
+        warn(&mut r, &warnings);
+        return Ok(r);
     }
     // The binary extension's reply: the JSON header, then the outputs' bytes.
     let mut bytes = response.to_string().into_bytes();
@@ -374,6 +379,10 @@ pub(super) async fn infer(
         bytes,
     )
         .into_response())
+    .map(|mut r| {
+        warn(&mut r, &warnings);
+        r
+    })
 }
 
 /// A tensor's data in row-major order, nested arrays or flat.
