@@ -683,9 +683,42 @@ fn edit_weights(
         layers: Vec::new(),
         torch: BTreeMap::new(),
     };
-    for p in projections {
+    // Each weight is edited on its own (the same result on any number of
+    // threads); one thread per core, weights dealt out in turn so that the
+    // large and small layers are shared evenly.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, projections.len().max(1));
+    let edit_one = |p: &Projection| -> Result<weights::EditedWeight, EditJobError> {
         let old = model.tensor_bytes(&p.tensor)?;
-        let edited = weights::apply(&change, &change32, p, &old, req.targets)?;
+        Ok(weights::apply(&change, &change32, p, &old, req.targets)?)
+    };
+    let mut edited: Vec<Option<Result<weights::EditedWeight, EditJobError>>> =
+        (0..projections.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let edit_one = &edit_one;
+                s.spawn(move || {
+                    (t..projections.len())
+                        .step_by(threads)
+                        .map(|i| (i, edit_one(&projections[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for w in workers {
+            // A panic while editing is a bug: passed on as it is.
+            let done = w
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (i, r) in done {
+                edited[i] = Some(r);
+            }
+        }
+    });
+    for (p, edited) in projections.iter().zip(edited) {
+        let edited = edited.expect("every weight was dealt to a thread")?;
         out.layers.push(LayerReport {
             initializer: p.initializer.clone(),
             module: p.module.clone(),
