@@ -36,13 +36,15 @@ def say(msg: str) -> None:
 def ensure_chromium() -> None:
     if shutil.which("chromium") and shutil.which("chromedriver"):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+    # As scripts/setup.sh installs its packages: as root, or through sudo.
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    if not shutil.which("apt-get") or (sudo and not shutil.which("sudo")):
         sys.exit("chromium and chromedriver are missing: apt-get install chromium chromium-driver")
     say("installing chromium and chromium-driver (Debian packages)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"],
-                   check=True, env=env, timeout=900, stdout=subprocess.DEVNULL)
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium",
+                    "chromium-driver"], check=True, env=env, timeout=900, stdout=subprocess.DEVNULL)
 
 
 def free_port() -> int:
