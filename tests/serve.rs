@@ -605,8 +605,11 @@ fn a_full_queue_answers_503_and_sigterm_drains_what_is_in_flight() {
     }
 
     // SIGTERM while a request is drawing: it still gets its image, then the server exits 0.
+    // (The toy model at 64 times its pixels: seconds, so it is surely still drawing.)
     let addr = server.addr.clone();
-    let body = slow.to_string();
+    let body =
+        json!({ "prompt": "a circle", "steps": 4, "height": 256, "width": 256, "output": "npy" })
+            .to_string();
     let in_flight =
         std::thread::spawn(move || http(&addr, "POST", "/v1/images", &[], body.as_bytes()));
     std::thread::sleep(Duration::from_millis(300));
@@ -758,10 +761,7 @@ fn base64(data: &[u8]) -> String {
 #[test]
 fn a_slow_request_times_out_and_a_long_prompt_is_warned_about() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        &tmp.path().join("ops"),
-        &["--timeout-s", "1", "--max-steps", "1000"],
-    );
+    let server = Server::start(&tmp.path().join("ops"), &["--timeout-s", "1"]);
     let long = format!("a circle {}", "on a white background ".repeat(20));
     let r = server.json("/v1/images", &image(&long, 0, &[], "npy"));
     assert_eq!(r.status, 200);
@@ -773,10 +773,10 @@ fn a_slow_request_times_out_and_a_long_prompt_is_warned_about() {
     let short = server.json("/v1/images", &image("a circle", 0, &[], "npy"));
     assert_eq!(short.header("warning"), None);
     // The engine finishes a request whose client has gone; nothing waits behind this one.
-    // About 3 s on the toy model (3.5 ms a step on 2 cores).
+    // Several seconds on 2 cores (the toy model at 64 times its pixels), far over the 1 s limit.
     let r = server.json(
         "/v1/images",
-        &json!({ "prompt": "a circle", "steps": 900, "output": "npy" }),
+        &json!({ "prompt": "a circle", "steps": 8, "height": 256, "width": 256, "output": "npy" }),
     );
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     assert!(
