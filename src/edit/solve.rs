@@ -175,6 +175,23 @@ impl Operator {
     }
 }
 
+/// The operator of edits made one after another, in that order: [A₁, A₂]
+/// acts as the UNet edited by A₁ then by A₂ (W·A₁·A₂, see
+/// [`Operator::then`]); `None` for no edits. `generate --edit` and the
+/// server compose a request's edits this way.
+pub fn compose<'a>(
+    ops: impl IntoIterator<Item = &'a Operator>,
+) -> Result<Option<Operator>, EditError> {
+    let mut composed: Option<Operator> = None;
+    for op in ops {
+        composed = Some(match composed {
+            None => op.clone(),
+            Some(acc) => acc.then(op)?,
+        });
+    }
+    Ok(composed)
+}
+
 /// Solves TIME's edit for all (source, destination) pairs at once.
 ///
 /// - `src`: source embeddings `[pairs, seq, d]` (f32 as the text encoder

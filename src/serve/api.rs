@@ -16,6 +16,7 @@ use super::engine::{Drawn, ImageJob, Refused};
 use super::store::EditParams;
 use super::{ApiError, AppState, Body};
 use crate::edit::Operator;
+use crate::edit::solve::compose;
 use crate::pipeline::png::{encode_npy, encode_png};
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::workflow::edit::{self as edit_flow, EditRequest};
@@ -476,18 +477,15 @@ fn operators(
     ),
     ApiError,
 > {
-    let mut composed: Option<Operator> = None;
+    let mut ops = Vec::new();
     let mut metas = Vec::new();
     for id in ids {
         let (op, meta) = state.store.load(id)?;
-        composed = Some(match composed {
-            None => op,
-            Some(acc) => acc
-                .then(&op)
-                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
-        });
+        ops.push(op);
         metas.push(meta);
     }
+    let composed = compose(&ops)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     Ok((composed, metas))
 }
 

@@ -14,6 +14,7 @@ use ndarray::{Array2, Array3, Array4, ArrayD, ArrayView3, ArrayView4, Axis, IxDy
 use crate::edit::Operator;
 use crate::edit::operator_file::OperatorMeta;
 use crate::edit::record::{EditRecord, previous_records};
+use crate::edit::solve::compose;
 use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::summary::human_bytes;
 use crate::onnx::{Model, OnnxError};
@@ -321,7 +322,6 @@ impl Generator {
             return Ok(());
         };
         let fingerprint = weights_fingerprint(&Model::open(&self.model.text_encoder)?)?;
-        let mut composed: Option<Operator> = None;
         for (op, meta) in ops {
             if op.dim() != first.dim() {
                 return Err(GenerateError::OperatorWidths {
@@ -337,14 +337,13 @@ impl Generator {
                     ours: fingerprint,
                 });
             }
-            composed = Some(match composed {
-                None => op.clone(),
-                Some(acc) => acc.then(op).map_err(|_| GenerateError::OperatorWidths {
-                    first: first.dim(),
-                    other: op.dim(),
-                })?,
-            });
         }
+        // Every width was checked equal above: composing cannot fail on shape.
+        let composed =
+            compose(ops.iter().map(|(op, _)| op)).map_err(|_| GenerateError::OperatorWidths {
+                first: first.dim(),
+                other: first.dim(),
+            })?;
         self.set_operator(composed.as_ref());
         Ok(())
     }
