@@ -338,3 +338,146 @@ def generation_goldens(mf, fx: Path, out: Path) -> None:
                               "shape": list(img.shape), "mean": float(img.mean())})
     mf.write_json(out / "generations" / "index.json", index)
     mf.Log.say(f"sdxl generations: {len(index['runs'])} images")
+
+
+# ---- the `turbo_lcm` stage: few-step flavours and their goldens ------------------------------------------
+# scheduler/scheduler_config.json of stabilityai/sdxl-turbo as shipped: Euler ancestral, trailing spacing
+SDXL_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler",
+                        "timestep_spacing": "trailing"}
+# stabilityai/sd-turbo (SD 2.1 distilled): Euler, trailing spacing
+SD_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "timestep_spacing": "trailing"}
+NOISE_SEED = 5      # `time-onnx generate --seed` of the runs whose scheduler draws noise at every step
+GUIDANCE_EMBEDDING_CASES = [(8.0, 16), (1.0, 16), (4.5, 256), (2.0, 7)]
+TURBO_RUNS = [  # name, folder, steps, guidance, negative prompt
+    ("sdxl_turbo.euler_a_trailing.1step", "sdxl-tiny/turbo", 1, 0.0, None),
+    ("sdxl_turbo.euler_a_trailing.4steps", "sdxl-tiny/turbo", 4, 0.0, None),
+    ("sdxl_turbo.euler_a_trailing.cfg.neg", "sdxl-tiny/turbo", 2, 5.0, GEN_NEGATIVE),
+    ("lcm.4steps", "sdxl-tiny/lcm", 4, 8.0, None),
+    ("lcm.2steps.neg_ignored", "sdxl-tiny/lcm", 2, 3.0, GEN_NEGATIVE),
+    ("sd_turbo.euler_trailing.1step", "sd-turbo-tiny", 1, 0.0, None),
+    ("sd_turbo.euler_trailing.2steps.cfg.neg", "sd-turbo-tiny", 2, 7.5, GEN_NEGATIVE),
+]
+
+
+def own_scheduler(mf, folder: Path, config: dict, index_from: Path) -> None:
+    """`folder`'s own scheduler config, named in its own model_index.json too (diffusers loads the class
+    model_index.json names)."""
+    sched = folder / "scheduler"
+    if sched.is_symlink() or sched.exists():
+        sched.unlink() if sched.is_symlink() else shutil.rmtree(sched)
+    mf.write_json(sched / "scheduler_config.json", config)
+    index = json.loads(index_from.read_text())
+    index["scheduler"] = ["diffusers", config["_class_name"]]
+    target = folder / "model_index.json"
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def turbo_lcm_stage(root: Path, mf) -> None:
+    """Flavour folders with the schedulers few-step models ship (SDXL-Turbo, SD-Turbo, LCM) and goldens of
+    generations through optimum's ORT pipelines, every scheduler noise draw replayed from time-onnx's own RNG
+    (scripts/_rng.py) so that `time-onnx generate --seed` draws the same noise."""
+    import diffusers
+
+    fx = root / "tests" / "fixtures"
+    turbo = fx / "sdxl-tiny" / "turbo"
+    if turbo.exists():
+        shutil.rmtree(turbo)
+    turbo.mkdir()
+    link_flavour(mf, fx / "sdxl-tiny", "turbo")
+    mf.symlink(turbo / "unet", "../optimum/unet")
+    sdxl_index = fx / "sdxl-tiny" / "optimum" / "model_index.json"
+    own_scheduler(mf, turbo, SDXL_TURBO_SCHEDULER, sdxl_index)
+    lcm_config = {"_class_name": "LCMScheduler",
+                  **{k: v for k, v in diffusers.LCMScheduler.from_config(SDXL_SCHEDULER).config.items()
+                     if not k.startswith("_")}}
+    own_scheduler(mf, fx / "sdxl-tiny" / "lcm", lcm_config, sdxl_index)
+    sd_turbo = fx / "sd-turbo-tiny"
+    if sd_turbo.exists():
+        shutil.rmtree(sd_turbo)
+    for sub in ("text_encoder", "tokenizer", "unet", "vae_decoder"):
+        mf.symlink(sd_turbo / sub, f"../sd-tiny/optimum/{sub}")
+    own_scheduler(mf, sd_turbo, SD_TURBO_SCHEDULER, fx / "sd-tiny" / "optimum" / "model_index.json")
+    out = root / "tests" / "fixtures" / "goldens" / "sdxl" / "fast"
+    if out.exists():
+        shutil.rmtree(out)
+    guidance_embedding_golden(mf, out)
+    few_step_goldens(mf, fx, out)
+
+
+def guidance_embedding_golden(mf, out: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    tensors, cases = {}, []
+    for i, (g, dim) in enumerate(GUIDANCE_EMBEDDING_CASES):
+        w = torch.tensor([g - 1.0])  # as the SDXL pipeline makes it: guidance_scale - 1
+        e = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        tensors[f"case.{i}"] = e[0].numpy()
+        cases.append({"guidance_scale": g, "embedding_dim": dim, "key": f"case.{i}"})
+    mf.save_st(out / "guidance_embedding.safetensors", tensors)
+    mf.write_json(out / "guidance_embedding.json", {
+        "reference": "diffusers StableDiffusionXLPipeline.get_guidance_scale_embedding(guidance_scale - 1, dim), "
+                     "float32", "cases": cases})
+
+
+class ReplayedNoise:
+    """The schedulers' randn_tensor replaced by time-onnx's RNG (scripts/_rng.py) seeded like `--seed`."""
+
+    def __init__(self, module: str, seed: int):
+        import importlib
+
+        import _rng
+
+        self.mod = importlib.import_module(module)
+        self.rng = _rng.Rng(seed)
+        self.draws = 0
+
+    def __enter__(self):
+        import torch
+
+        self.orig = self.mod.randn_tensor
+
+        def fake(shape, generator=None, device=None, dtype=None, layout=None):
+            self.draws += 1
+            return torch.from_numpy(self.rng.randn(tuple(shape))).to(dtype or torch.float32)
+        self.mod.randn_tensor = fake
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.randn_tensor = self.orig
+
+
+def few_step_goldens(mf, fx: Path, out: Path) -> None:
+    import torch
+    from optimum.onnxruntime import ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline
+
+    latents = np.load(fx / "goldens" / "sdxl" / "generations" / "latents.npy")
+    index = {"prompt": GEN_PROMPT, "latents": "../generations/latents.npy", "seed": NOISE_SEED,
+             "noise": "every scheduler draw (randn_tensor) replaced by scripts/_rng.py's Rng(seed).randn, in order",
+             "reference": "optimum.onnxruntime ORTStableDiffusionXLPipeline / ORTStableDiffusionPipeline, "
+                          "output_type='np' (NHWC float32 in [0,1]), the folder's scheduler_config.json",
+             "runs": []}
+    pipes = {}
+    for name, folder, steps, guidance, negative in TURBO_RUNS:
+        if folder not in pipes:
+            cls = ORTStableDiffusionPipeline if folder.startswith("sd-") else ORTStableDiffusionXLPipeline
+            with mf.quiet_fd():
+                pipes[folder] = cls.from_pretrained(str(fx / folder), provider="CPUExecutionProvider")
+            pipes[folder].set_progress_bar_config(disable=True)
+        pipe = pipes[folder]
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        with ReplayedNoise(type(pipe.scheduler).__module__, NOISE_SEED) as noise:
+            img = pipe(GEN_PROMPT, negative_prompt=negative, height=side, width=side, num_inference_steps=steps,
+                       guidance_scale=guidance, latents=torch.from_numpy(latents.copy()), output_type="np").images
+        mf.save_npy(out / f"{name}.npy", img.astype(np.float32))
+        index["runs"].append({
+            "name": name, "folder": folder, "file": f"{name}.npy", "steps": steps, "guidance_scale": guidance,
+            "negative_prompt": negative, "scheduler": type(pipe.scheduler).__name__,
+            "timesteps": [float(t) for t in pipe.scheduler.timesteps], "noise_draws": noise.draws,
+            "timestep_cond": getattr(pipe.unet.config, "time_cond_proj_dim", None),
+            "shape": list(img.shape), "mean": float(img.mean())})
+        mf.Log.say(f"few-step {name}: {type(pipe.scheduler).__name__} t={index['runs'][-1]['timesteps']}, "
+                   f"{noise.draws} noise draws")
+    mf.write_json(out / "index.json", index)

@@ -1036,6 +1036,15 @@ SCHEDULERS = [
     ("euler_ancestral", "EulerAncestralDiscreteScheduler", {}, {}, "randn_tensor"),
     ("lms", "LMSDiscreteScheduler", {}, {}, None),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}, None),
+    # few-step models: SDXL-Turbo's Euler ancestral and SD-Turbo's Euler with trailing spacing; LCM (noise at
+    # every call but the last), with its defaults and with every key of its own changed
+    ("euler_ancestral_trailing", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, {},
+     "randn_tensor"),
+    ("euler_trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}, None),
+    ("lcm", "LCMScheduler", {}, {}, "randn_tensor"),
+    ("lcm_options", "LCMScheduler", {"original_inference_steps": 30, "timestep_scaling": 4.0, "clip_sample": True,
+                                     "clip_sample_range": 1.5, "prediction_type": "v_prediction",
+                                     "set_alpha_to_one": False, "rescale_betas_zero_snr": True}, {}, "randn_tensor"),
 ]
 
 
@@ -1099,8 +1108,9 @@ def stage_schedulers(root: Path) -> None:
                 n0 = len(recorded)
                 with supplied_noise(type(sch).__module__, recorded):
                     x = sch.step(eps, t, x, **extra).prev_sample
-                assert len(recorded) == n0 + 1
-                z = recorded[-1]
+                assert len(recorded) in (n0, n0 + 1)  # LCM draws none after its last call
+                if len(recorded) > n0:
+                    z = recorded[-1]
             else:
                 x = sch.step(eps, t, x, **extra).prev_sample
             inputs.append(mi.clone())
@@ -1115,7 +1125,8 @@ def stage_schedulers(root: Path) -> None:
         cfg = {k: v for k, v in dict(sch.config).items() if not k.startswith("_")}
         index["schedulers"][name] = {
             "class": cls, "config": json.loads(json.dumps(cfg)), "config_overrides": over, "step_kwargs": kw,
-            "noise": noise_src, "init_noise_sigma": float(sch.init_noise_sigma), "order": sch.order,
+            "noise": noise_src, "noise_draws": len(recorded) if noise_src == "randn_tensor" else None,
+            "init_noise_sigma": float(sch.init_noise_sigma), "order": sch.order,
             "num_calls": len(sch.timesteps), "timesteps": [float(t) for t in sch.timesteps],
             "timesteps_dtype": str(sch.timesteps.dtype).replace("torch.", ""), "file": f"{name}.safetensors"}
         Log.say(f"scheduler {name}: {len(sch.timesteps)} calls, t = {[float(t) for t in sch.timesteps][:4]}..., "
@@ -1958,13 +1969,19 @@ def load_tok(root: Path):
 # main
 # --------------------------------------------------------------------------------------
 STAGES = ["tokenizer", "torch", "export", "facts", "text_encoder", "unet_io", "time", "schedulers", "generations",
-          "clip", "safety", "sdxl", "demo", "versions"]
+          "clip", "safety", "sdxl", "turbo_lcm", "demo", "versions"]
 
 
 def stage_sdxl(root: Path) -> None:
     import _fixtures_sdxl  # scripts/_fixtures_sdxl.py: the tiny SDXL, its flavours and goldens
 
     _fixtures_sdxl.stage(root, sys.modules[__name__])
+
+
+def stage_turbo_lcm(root: Path) -> None:
+    import _fixtures_sdxl  # few-step flavours (SDXL-Turbo, SD-Turbo, LCM) of the tiny fixtures, their goldens
+
+    _fixtures_sdxl.turbo_lcm_stage(root, sys.modules[__name__])
 
 
 def build(root: Path, stages: list[str]) -> None:

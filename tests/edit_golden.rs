@@ -13,6 +13,7 @@ use time_onnx::edit::record::PromptPair;
 use time_onnx::onnx::Model;
 use time_onnx::onnx::cross_attention::{self, Role};
 use time_onnx::onnx::module_paths::UnetLayout;
+use time_onnx::text::TextSide;
 use time_onnx::workflow::edit::{EditRequest, Preserve, run};
 use time_onnx::workflow::prior::{self as prior_flow, PriorRequest};
 
@@ -286,8 +287,7 @@ fn prior_matches_the_formula() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = PathBuf::from(format!("{FIXTURES}/sd-tiny/optimum"));
     let req = PriorRequest {
-        text_encoder: dir.join("text_encoder/model.onnx"),
-        tokenizer: dir.join("tokenizer"),
+        text: TextSide::single(dir.join("text_encoder/model.onnx"), dir.join("tokenizer")),
         prompts: prompts.clone(),
         output: tmp.path().join("prior.safetensors"),
     };

@@ -13,6 +13,7 @@ use time_onnx::onnx::summary::human_bytes;
 use time_onnx::workflow::edit::{self, EditReport, EditRequest, Preserve, Progress};
 
 use super::finite;
+use super::text_side::TextSideArgs;
 
 /// Arguments of `edit`.
 #[derive(Debug, Args)]
@@ -48,15 +49,12 @@ pub struct EditArgs {
     /// Where to write the edited UNet (external data, if any, goes beside it as <name>_data).
     #[arg(short, long, required_unless_present_any = ["dry_run", "save_operator"], requires = "unet")]
     output: Option<PathBuf>,
-    /// The model folder holding text_encoder/ and tokenizer/ (default: the UNet's parent's parent).
+    /// The model folder holding text_encoder/ and tokenizer/ (and SDXL's text_encoder_2/ and
+    /// tokenizer_2/; default: the UNet's parent's parent).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The text encoder ONNX file (default: <model>/text_encoder/model.onnx).
-    #[arg(long)]
-    text_encoder: Option<PathBuf>,
-    /// The tokenizer folder (default: <model>/tokenizer).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    text: TextSideArgs,
     /// Regularisation λ: larger keeps the model closer to the original (the paper uses 0.1).
     #[arg(long, default_value_t = time_onnx::edit::DEFAULT_LAMBDA, value_parser = finite)]
     lambda: f64,
@@ -93,8 +91,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         preserve_scale,
         output,
         model,
-        text_encoder,
-        tokenizer,
+        text,
         lambda,
         augs,
         no_augs,
@@ -108,10 +105,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         (None, Some(u)) => default_model_dir(u),
         (None, None) => PathBuf::from("."),
     };
-    let text_encoder =
-        text_encoder.unwrap_or_else(|| model_dir.join("text_encoder").join("model.onnx"));
-    let tokenizer = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer"));
-    require_text_side(&text_encoder, &tokenizer)?;
+    let text = text.resolve(&model_dir)?;
     // UCE adds no augmentation prompts unless asked; TIME adds its three.
     let augmentations = if no_augs || (erase && augs.is_empty()) {
         Vec::new()
@@ -127,8 +121,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         unet: unet.clone(),
         output: if dry_run { None } else { output },
         save_operator: if dry_run { None } else { save_operator },
-        text_encoder,
-        tokenizer,
+        text,
         edits: edit_pairs(src, dst, edits.as_deref(), erase)?,
         erase,
         preserve: match (preserve, prior) {
@@ -176,23 +169,6 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let report = result.with_context(|| format!("editing {what}"))?;
 
     print_report(&report, dry_run, req.save_operator.as_deref());
-    Ok(())
-}
-
-/// The text encoder and tokenizer paths exist (shared by `edit` and `prior`).
-pub(super) fn require_text_side(text_encoder: &Path, tokenizer: &Path) -> anyhow::Result<()> {
-    for (what, path) in [("text encoder", text_encoder), ("tokenizer", tokenizer)] {
-        // `exists()` folds "cannot look" into "absent"; a folder the user
-        // cannot read deserves its own words.
-        match path.try_exists() {
-            Ok(true) => {}
-            Ok(false) => bail!(
-                "{what} not found at {} (give --model, --text-encoder or --tokenizer)",
-                path.display()
-            ),
-            Err(e) => bail!("cannot look for the {what} at {}: {e}", path.display()),
-        }
-    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use time_onnx::edit::operator_file::{self, OperatorMeta};
 use time_onnx::pipeline::png::{read_npy, write_npy, write_png};
 use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
+use time_onnx::text::encoder::Embedded;
 use time_onnx::workflow::generate::{Generator, ImageText, Images, Params};
 
 use super::{DeviceArg, finite, parse_scheduler, parse_size, resolve_device};
@@ -49,9 +50,11 @@ pub struct GenerateArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(long, default_value_t = 7.5, value_parser = finite)]
-    guidance: f64,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (default: diffusers' for the
+    /// folder's pipeline: 7.5 for Stable Diffusion, 5 for SDXL; SDXL-Turbo and SD-Turbo want 0).
+    /// An LCM-distilled UNet reads it as an embedding instead.
+    #[arg(long, value_parser = finite)]
+    guidance: Option<f64>,
     /// Seed of time-onnx's RNG (xoshiro256++ and Box–Muller; not torch's).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -158,7 +161,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let (default_h, default_w) = generator.default_size();
     let params = Params {
         steps,
-        guidance,
+        guidance: guidance.unwrap_or_else(|| generator.default_guidance()),
         negative_prompt: negative_prompt.clone(),
         num_images,
         height: height.unwrap_or(default_h),
@@ -207,7 +210,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 /// each denoising step ended.
 fn timed_generation(
     generator: &mut Generator,
-    emb: &ndarray::Array3<f32>,
+    emb: &Embedded,
     params: &Params,
 ) -> anyhow::Result<(Images, Vec<Instant>)> {
     let mut print = progress_printer();

@@ -11,6 +11,7 @@ mod inspect;
 mod prior;
 mod serve;
 pub mod signals;
+mod text_side;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use time_onnx::pipeline::schedulers::SchedulerKind;

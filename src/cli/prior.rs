@@ -7,6 +7,8 @@ use clap::Args;
 use time_onnx::eval::dataset::read_prompts;
 use time_onnx::workflow::prior::{self, PriorRequest};
 
+use super::text_side::TextSideArgs;
+
 /// Arguments of `prior`.
 #[derive(Debug, Args)]
 pub struct PriorArgs {
@@ -16,15 +18,11 @@ pub struct PriorArgs {
     /// Where to write the prior (safetensors).
     #[arg(short, long, value_name = "FILE.safetensors")]
     output: PathBuf,
-    /// The model folder holding text_encoder/ and tokenizer/.
+    /// The model folder holding text_encoder/ and tokenizer/ (and SDXL's second pair).
     #[arg(long, default_value = ".")]
     model: PathBuf,
-    /// The text encoder ONNX file (default: <model>/text_encoder/model.onnx).
-    #[arg(long)]
-    text_encoder: Option<PathBuf>,
-    /// The tokenizer folder (default: <model>/tokenizer).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    text: TextSideArgs,
 }
 
 pub fn run(args: PriorArgs) -> anyhow::Result<()> {
@@ -32,18 +30,13 @@ pub fn run(args: PriorArgs) -> anyhow::Result<()> {
         prompts,
         output,
         model,
-        text_encoder,
-        tokenizer,
+        text,
     } = args;
-    let text_encoder =
-        text_encoder.unwrap_or_else(|| model.join("text_encoder").join("model.onnx"));
-    let tokenizer = tokenizer.unwrap_or_else(|| model.join("tokenizer"));
-    super::edit::require_text_side(&text_encoder, &tokenizer)?;
+    let text = text.resolve(&model)?;
     let req = PriorRequest {
         prompts: read_prompts(&prompts)
             .with_context(|| format!("--prompts {}", prompts.display()))?,
-        text_encoder,
-        tokenizer,
+        text,
         output,
     };
     let report = prior::run(&req).with_context(|| format!("building {}", req.output.display()))?;

@@ -10,8 +10,9 @@
 //!     x = step(ε, k, x, noise)
 //! ```
 
-use ndarray::{ArrayD, ArrayView3, Axis, concatenate};
+use ndarray::{ArrayD, Axis, concatenate};
 
+use super::conditioning::TextBatch;
 use super::rng::Rng;
 use super::schedulers::{Scheduler, SchedulerError};
 use super::unet::Unet;
@@ -51,26 +52,26 @@ impl Guidance {
         if self.is_on() { 2 * n } else { n }
     }
 
-    /// The text batch for `n` images from `emb: [2, 77, d]` (negative,
-    /// prompt): `[uncond × n, cond × n]` guided, `[cond × n]` otherwise.
-    pub fn text_batch(self, emb: ArrayView3<f32>, n: usize) -> ndarray::Array3<f32> {
-        let rows: Vec<usize> = if self.is_on() {
-            vec![0; n].into_iter().chain(vec![1; n]).collect()
+    /// Which row of `[negative, prompt]` each UNet batch row of `n` images
+    /// reads: `[0 × n, 1 × n]` guided (unconditional half first), `[1 × n]`
+    /// otherwise.
+    pub fn text_rows(self, n: usize) -> Vec<usize> {
+        if self.is_on() {
+            [vec![0; n], vec![1; n]].concat()
         } else {
             vec![1; n]
-        };
-        emb.select(Axis(0), &rows)
+        }
     }
 }
 
 /// Denoises `latents: [n, 4, h, w] f32` (unscaled N(0, 1) draws) with the UNet
-/// bound to `hidden` (its [`Guidance::text_batch`]); returns the final
-/// latents, same shape. `rng` gives the noise of stochastic schedulers;
+/// bound to `batch` (its rows as [`Guidance::text_rows`] orders them);
+/// returns the final latents, same shape. `rng` gives the noise of stochastic schedulers;
 /// `progress(call, calls)` is told after every UNet call.
 pub fn denoise(
     unet: &mut Unet,
     scheduler: &mut Scheduler,
-    hidden: ArrayView3<f32>,
+    batch: &TextBatch,
     latents: ArrayD<f32>,
     guidance: Guidance,
     rng: &mut Rng,
@@ -85,7 +86,7 @@ pub fn denoise(
     let n = latents.shape()[0];
     let mut x: ArrayD<f32> = latents.mapv(|v| v * scheduler.init_noise_sigma() as f32);
     let timesteps = scheduler.timesteps().to_vec();
-    unet.bind_text(hidden)?;
+    unet.bind(batch)?;
     for (call, &t) in timesteps.iter().enumerate() {
         let input = scheduler.scale_model_input(x.view(), call)?;
         let batch = if guidance.is_on() {

@@ -6,6 +6,7 @@
 //! and .npy files ([`png`]), with captions on grids ([`label`]). [`crate::workflow::generate`] wires them.
 
 pub mod clip_image;
+pub mod conditioning;
 pub mod denoise;
 pub mod label;
 pub mod memory;

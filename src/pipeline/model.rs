@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::text::TextSide;
+use crate::text::side::TextSideError;
+
 /// Why a model folder cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelDirError {
@@ -17,6 +20,17 @@ pub enum ModelDirError {
         what: &'static str,
         /// Where it was expected.
         path: PathBuf,
+    },
+    /// The text encoders and tokenizers do not fit together.
+    #[error(transparent)]
+    Text(#[from] TextSideError),
+    /// Something the folder declares that time-onnx does not implement.
+    #[error("{dir}: {what}")]
+    Unsupported {
+        /// The model folder.
+        dir: PathBuf,
+        /// What, and why.
+        what: String,
     },
     /// A config file that does not parse.
     #[error("cannot read {path}: {why}")]
@@ -33,14 +47,12 @@ pub enum ModelDirError {
 pub struct ModelDir {
     /// The folder.
     pub root: PathBuf,
-    /// `text_encoder/model.onnx`.
-    pub text_encoder: PathBuf,
+    /// `text_encoder/` and `tokenizer/` (and SDXL's `text_encoder_2/`, `tokenizer_2/`).
+    pub text: TextSide,
     /// `unet/model.onnx`.
     pub unet: PathBuf,
     /// `vae_decoder/model.onnx`.
     pub vae_decoder: PathBuf,
-    /// `tokenizer/`.
-    pub tokenizer: PathBuf,
     /// `scheduler/scheduler_config.json`.
     pub scheduler_config: PathBuf,
     /// `safety_checker/model.onnx` and `feature_extractor/preprocessor_config.json`,
@@ -55,17 +67,38 @@ pub struct ModelDir {
     pub vae_decoder_channels: usize,
     /// Latent side the UNet was trained at (`unet/config.json` `sample_size`), when known.
     pub unet_sample_size: Option<usize>,
+    /// The guidance embedding's width of an LCM-distilled UNet
+    /// (`unet/config.json` `time_cond_proj_dim`), when known.
+    pub unet_time_cond_dim: Option<usize>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL pipelines:
+    /// without a negative prompt, the unconditional half reads zeros, not
+    /// the embedding of "").
+    pub force_zeros_for_empty_prompt: bool,
+    /// `model_index.json`'s `_class_name`, when the folder has one.
+    pub pipeline_class: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct VaeConfig {
     scaling_factor: Option<f32>,
     block_out_channels: Option<Vec<usize>>,
+    /// Per-channel latent statistics some VAEs declare (decoding then
+    /// un-normalises with them); not implemented, so refused when set.
+    latents_mean: Option<serde_json::Value>,
+    latents_std: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
 struct UnetConfig {
     sample_size: Option<usize>,
+    time_cond_proj_dim: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    force_zeros_for_empty_prompt: Option<bool>,
 }
 
 /// SD 1.x/2.x's VAE scaling factor, used when the folder has no VAE config.
@@ -90,10 +123,18 @@ impl ModelDir {
                 })
             }
         };
-        let text_encoder = need("the text encoder", "text_encoder/model.onnx")?;
+        let text = TextSide::from_model_dir(root)?;
+        for (what, path) in text.parts() {
+            if !path.exists() {
+                return Err(ModelDirError::Missing {
+                    dir: root.to_path_buf(),
+                    what,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
         let unet = need("the UNet", "unet/model.onnx")?;
         let vae_decoder = need("the VAE decoder", "vae_decoder/model.onnx")?;
-        let tokenizer = need("the tokenizer", "tokenizer")?;
         let scheduler_config = need("the scheduler config", "scheduler/scheduler_config.json")?;
         let checker = root.join("safety_checker/model.onnx");
         let safety_checker = if checker.exists() {
@@ -128,24 +169,48 @@ impl ModelDir {
             .and_then(|v| v.block_out_channels.as_ref())
             .and_then(|b| b.iter().take(2).max().copied())
             .unwrap_or(SD_DECODER_CHANNELS);
+        if let Some(v) = &vae {
+            for (key, value) in [
+                ("latents_mean", &v.latents_mean),
+                ("latents_std", &v.latents_std),
+            ] {
+                if value.as_ref().is_some_and(|x| !x.is_null()) {
+                    return Err(ModelDirError::Unsupported {
+                        dir: root.to_path_buf(),
+                        what: format!(
+                            "the VAE config sets {key}: decoding with latent statistics is not supported"
+                        ),
+                    });
+                }
+            }
+        }
         let unet_config = root.join("unet/config.json");
-        let unet_sample_size = if unet_config.exists() {
-            read_json::<UnetConfig>(&unet_config)?.sample_size
+        let (unet_sample_size, unet_time_cond_dim) = if unet_config.exists() {
+            let c = read_json::<UnetConfig>(&unet_config)?;
+            (c.sample_size, c.time_cond_proj_dim)
         } else {
-            None
+            (None, None)
+        };
+        let index_file = root.join("model_index.json");
+        let index = if index_file.exists() {
+            read_json::<ModelIndex>(&index_file)?
+        } else {
+            ModelIndex::default()
         };
         Ok(Self {
             root: root.to_path_buf(),
-            text_encoder,
+            text,
             unet,
             vae_decoder,
-            tokenizer,
             scheduler_config,
             safety_checker,
             vae_scaling_factor,
             vae_factor,
             vae_decoder_channels,
             unet_sample_size,
+            unet_time_cond_dim,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+            pipeline_class: index.class_name,
         })
     }
 }

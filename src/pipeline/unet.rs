@@ -15,8 +15,9 @@
 
 use std::path::Path;
 
-use ndarray::{Array4, ArrayD, ArrayView3, ArrayView4, Axis, IxDyn};
+use ndarray::{Array4, ArrayD, ArrayView4, Axis, IxDyn, Slice};
 
+use super::conditioning::{TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND, TextBatch};
 use crate::onnx::Model;
 use crate::onnx::split::split_text_projections;
 use crate::runtime::{Binding, ElementType, Runtime, Session, SessionError, SessionOptions};
@@ -29,8 +30,6 @@ pub struct Unet {
     session: Session,
     /// The timestep's element type and rank (0: a scalar; 1: one per row).
     timestep: (ElementType, usize),
-    /// The text-embedding width, when the export fixes it.
-    text_width: Option<usize>,
     output: String,
     /// Declared dims of the output, for the buffers of concurrent runs.
     output_dims: Vec<i64>,
@@ -85,11 +84,7 @@ impl Unet {
             timestep.ty.unwrap_or(ElementType::Other),
             timestep.dims.len(),
         );
-        let text_width = session
-            .tensor_input(TEXT, role)?
-            .dims
-            .last()
-            .and_then(|&d| usize::try_from(d).ok());
+        session.tensor_input(TEXT, role)?;
         let output = session.output_or_first("out_sample", role)?.clone();
         if output.ty.is_none() {
             return Err(session.interface(format!(
@@ -100,7 +95,6 @@ impl Unet {
         Ok(Self {
             session,
             timestep,
-            text_width,
             output: output.name,
             output_dims: output.dims,
             streams,
@@ -109,33 +103,48 @@ impl Unet {
         })
     }
 
-    /// The text-embedding width the UNet expects, when the export fixes it.
-    pub fn text_width(&self) -> Option<usize> {
-        self.text_width
-    }
-
     /// Concurrent runs a batch is split into.
     pub fn streams(&self) -> usize {
         self.streams
     }
 
-    /// Binds the text embeddings `hidden: [b, 77, d] f32` for the coming
-    /// [`Self::predict`] calls: they are converted and handed to ONNX
-    /// Runtime once per prompt, not once per step, and their K/V projections
-    /// computed once.
-    pub fn bind_text(&mut self, hidden: ArrayView3<f32>) -> Result<(), SessionError> {
-        let rows = hidden.shape()[0];
+    /// Binds the rows that stay the same across denoising steps for the
+    /// coming [`Self::predict`] calls: the text embeddings (`[b, 77, d] f32`)
+    /// and whatever else the UNet reads (SDXL's pooled embedding and size
+    /// conditioning, LCM's guidance embedding). They are converted and handed
+    /// to ONNX Runtime once per prompt, not once per step, and the text's
+    /// K/V projections computed once.
+    pub fn bind(&mut self, batch: &TextBatch) -> Result<(), SessionError> {
+        let rows = batch.hidden.shape()[0];
         if !rows.is_multiple_of(self.streams) {
             return Err(self.session.interface(format!(
                 "a batch of {rows} cannot be split into {} runs",
                 self.streams
             )));
         }
+        for name in [TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND] {
+            let given = batch.extras().any(|(n, _)| n == name);
+            if self.session.input(name).is_some() != given {
+                return Err(self.session.interface(format!(
+                    "the UNet {} an input {name:?} and the batch {}",
+                    if given { "has no" } else { "has" },
+                    if given { "sets it" } else { "does not set it" }
+                )));
+            }
+        }
+        let per_stream = rows / self.streams;
         self.bound.clear();
-        for part in hidden.axis_chunks_iter(Axis(0), rows / self.streams) {
+        for k in 0..self.streams {
+            let part = Slice::from(k * per_stream..(k + 1) * per_stream);
             let mut binding = self.session.binding()?;
-            let value = self.session.float_value(TEXT, part.into_dyn())?;
+            let text = batch.hidden.slice_axis(Axis(0), part);
+            let value = self.session.float_value(TEXT, text.into_dyn())?;
             self.session.bind_input(&mut binding, TEXT, &value)?;
+            for (name, rows) in batch.extras() {
+                let extra = rows.slice_axis(Axis(0), part);
+                let v = self.session.float_value(name, extra.into_dyn())?;
+                self.session.bind_input(&mut binding, name, &v)?;
+            }
             if let Some(p) = &mut self.projections {
                 let mut out = p.session.run(&[(TEXT, &value)])?;
                 for name in &p.products {
@@ -153,7 +162,7 @@ impl Unet {
     }
 
     /// Predicts the noise for `sample: [b, c, h, w] f32` at timestep `t` with
-    /// the embeddings of [`Self::bind_text`].
+    /// the rows of [`Self::bind`].
     pub fn predict(
         &mut self,
         sample: ArrayView4<f32>,
@@ -161,7 +170,7 @@ impl Unet {
     ) -> Result<Array4<f32>, SessionError> {
         let streams = self.bound.len();
         if streams == 0 {
-            return Err(self.session.interface("predict before bind_text"));
+            return Err(self.session.interface("predict before bind"));
         }
         let rows = sample.shape()[0] / streams;
         if rows * streams != sample.shape()[0] {

@@ -25,7 +25,6 @@ use crate::workflow::generate::Params;
 /// `generate`'s defaults, so that a request and a command line that leave
 /// the same things out draw the same image.
 const DEFAULT_STEPS: usize = 50;
-const DEFAULT_GUIDANCE: f64 = 7.5;
 
 /// A body as `T`, or a 400 naming what is wrong (unknown fields included).
 pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -115,12 +114,7 @@ fn compute(state: &AppState, p: &EditParams, id: &str) -> Result<(), ApiError> {
         lambda: p.lambda,
         augmentations: p.augmentations.clone(),
         save_operator: Some(state.store.path(id)?),
-        ..EditRequest::new(
-            state.model.text_encoder.clone(),
-            state.model.tokenizer_dir.clone(),
-            p.src.clone(),
-            p.dst.clone(),
-        )
+        ..EditRequest::new(state.model.text.clone(), p.src.clone(), p.dst.clone())
     };
     edit_flow::run(&req)
         .map(|_| ())
@@ -366,7 +360,7 @@ pub(super) async fn draw(
             limits.max_steps
         )));
     }
-    let guidance = ask.guidance.unwrap_or(DEFAULT_GUIDANCE);
+    let guidance = ask.guidance.unwrap_or(state.model.default_guidance);
     if !guidance.is_finite() {
         return Err(ApiError::bad(format!(
             "guidance must be a finite number, not {guidance}"

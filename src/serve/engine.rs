@@ -301,7 +301,7 @@ impl Worker {
             let items: Vec<_> = embedded
                 .iter()
                 .zip(&latents)
-                .filter_map(|((_, e), l)| Some((e.view(), l.view().into_dimensionality().ok()?)))
+                .filter_map(|((_, e), l)| Some((e, l.view().into_dimensionality().ok()?)))
                 .collect();
             self.generator.generate_each(&items, &params, &mut progress)
         };

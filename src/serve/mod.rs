@@ -31,8 +31,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use crate::onnx::{Model, OnnxError, fingerprint::weights_fingerprint};
+use crate::onnx::OnnxError;
 use crate::runtime::{Runtime, SessionOptions};
+use crate::text::TextSide;
 use crate::workflow::generate::{GenerateError, Generator};
 use engine::{Batching, Engine};
 use metrics::Metrics;
@@ -122,10 +123,13 @@ struct AppState {
 struct ModelInfo {
     /// The name `/v2/models/{name}` answers to: the folder's name.
     name: String,
-    text_encoder: PathBuf,
-    tokenizer_dir: PathBuf,
+    /// The text encoders and tokenizers edits are computed with.
+    text: TextSide,
     /// For the requests' prompt-length warnings.
     tokenizer: crate::text::ClipTokenizer,
+    /// The guidance scale of requests that give none (diffusers' default
+    /// for the folder's pipeline).
+    default_guidance: f64,
     default_size: (usize, usize),
     vae_factor: usize,
 }
@@ -140,20 +144,20 @@ pub fn run(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), Se
     if let Some(bytes) = config.max_memory {
         generator = generator.with_memory_limit(bytes);
     }
-    let text_encoder = generator.model.text_encoder.clone();
-    let fingerprint = weights_fingerprint(&Model::open(&text_encoder)?)?;
+    let text = generator.model.text.clone();
+    let fingerprint = text.fingerprint()?;
     // The width from one embedding: what the operators must match.
-    let width = generator.embed("", "")?.shape()[2];
+    let width = generator.embed("", "")?.context.shape()[2];
     let store = Store::open(&config.operators, fingerprint, width)?;
     let model = ModelInfo {
         name: config
             .model
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
-        text_encoder,
-        tokenizer_dir: generator.model.tokenizer.clone(),
-        tokenizer: crate::text::ClipTokenizer::from_dir(&generator.model.tokenizer)
+        tokenizer: crate::text::ClipTokenizer::from_dir(&text.encoders[0].tokenizer)
             .map_err(GenerateError::from)?,
+        text,
+        default_guidance: generator.default_guidance(),
         default_size: generator.default_size(),
         vae_factor: generator.model.vae_factor,
     };

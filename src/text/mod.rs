@@ -5,8 +5,10 @@
 //! (unpadded, see [`crate::edit`]).
 
 pub mod encoder;
+pub mod side;
 pub mod tokenizer;
 
+pub use side::{PromptIds, TextSide, Tokenizers};
 pub use tokenizer::ClipTokenizer;
 
 use std::path::PathBuf;

@@ -24,13 +24,12 @@ use crate::edit::{
     self, ArticleRule, EditError, Operator, Preservation, Targets, WeightError, weights,
 };
 use crate::onnx::cross_attention::{self, LocateError, Projection, Role};
-use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::module_paths::{UnetLayout, fill_module_paths};
 use crate::onnx::patch::{self, TensorPatch, WriteError, Written};
 use crate::onnx::{Model, OnnxError};
 use crate::runtime::{Device, LoadError, Runtime, SessionError, SessionOptions};
-use crate::text::encoder::TextEncoder;
-use crate::text::{ClipTokenizer, TextError};
+use crate::text::encoder::{Embedded, TextEncoders};
+use crate::text::{PromptIds, TextError, TextSide, Tokenizers};
 
 /// What to edit and how.
 #[derive(Clone, Debug)]
@@ -39,10 +38,8 @@ pub struct EditRequest {
     pub unet: Option<PathBuf>,
     /// Where to write the edited UNet; `None` computes everything but writes nothing.
     pub output: Option<PathBuf>,
-    /// The text encoder model file.
-    pub text_encoder: PathBuf,
-    /// The tokenizer folder.
-    pub tokenizer: PathBuf,
+    /// The text encoders and tokenizers (one, or SDXL's two).
+    pub text: TextSide,
     /// The (source, destination) pairs, solved together into one operator.
     pub edits: Vec<PromptPair>,
     /// λ > 0.
@@ -85,17 +82,11 @@ impl EditRequest {
     /// `source` → `destination` as the reference edits by default (λ 0.1, its
     /// three augmentations, keys and values), computing the operator only:
     /// set `unet`, `output` and the rest with struct update syntax.
-    pub fn new(
-        text_encoder: PathBuf,
-        tokenizer: PathBuf,
-        source: impl Into<String>,
-        destination: impl Into<String>,
-    ) -> Self {
+    pub fn new(text: TextSide, source: impl Into<String>, destination: impl Into<String>) -> Self {
         Self {
             unet: None,
             output: None,
-            text_encoder,
-            tokenizer,
+            text,
             edits: vec![PromptPair {
                 source: source.into(),
                 destination: destination.into(),
@@ -182,6 +173,17 @@ pub enum EditJobError {
         /// The prompt.
         prompt: String,
     },
+    /// The text encoders' embeddings are not as wide as the UNet reads.
+    #[error(
+        "the UNet's cross-attention reads {unet}-wide text embeddings but the text encoders give \
+         {encoders}: they do not belong to this UNet"
+    )]
+    TextWidth {
+        /// What the K/V weights take.
+        unet: usize,
+        /// What the encoders give, e.g. "64 (32 + 32)".
+        encoders: String,
+    },
     /// Values-only edits change V but not K: no map of the embeddings does that.
     #[error(
         "an operator cannot represent a values-only edit: it changes the text embeddings, which \
@@ -245,8 +247,8 @@ pub fn run_with_progress(
     let needs_fingerprint =
         req.save_operator.is_some() || matches!(req.preserve, Preserve::Prior(_));
     let fingerprint = needs_fingerprint.then(|| {
-        let path = req.text_encoder.clone();
-        std::thread::spawn(move || weights_fingerprint(&Model::open(&path)?))
+        let side = req.text.clone();
+        std::thread::spawn(move || side.fingerprint())
     });
     let mut fingerprint = Fingerprint(fingerprint, None);
     // A prior file is read now, before any slow work: its fingerprint is
@@ -275,8 +277,20 @@ pub fn run_with_progress(
         _ => None,
     };
     progress(Progress::TextEncoder);
-    let (emb, prior) = embed(encoder, &text, req)?;
+    let (embedded, prior) = embed(encoder, &text, req)?;
     clock.lap("text encoder");
+    if let Some(want) = unet
+        .as_ref()
+        .and_then(|(_, p)| p.first())
+        .map(Projection::width)
+        && want != embedded.context.dim().2
+    {
+        return Err(EditJobError::TextWidth {
+            unet: want,
+            encoders: embedded.describe_width(),
+        });
+    }
+    let emb = embedded.context;
     let prior = match (prior_file, &req.preserve) {
         (Some((path, file)), _) => Some(check_prior(path, file, emb.dim().2, &mut fingerprint)?),
         (None, Preserve::Built(built)) => Some(built.clone()),
@@ -473,9 +487,9 @@ fn name_from_config(unet: &Path, projections: &mut [Projection]) {
 struct Tokens {
     pairs: Vec<(String, String)>,
     maps: Vec<Vec<usize>>,
-    ids: Vec<Vec<u32>>,
+    ids: Vec<PromptIds>,
     /// The preserved prompts' ids, when the request lists prompts.
-    kept: Vec<Vec<u32>>,
+    kept: Vec<PromptIds>,
     /// Erase pairs: per pair, the source and destination positions edited.
     uce: Option<Vec<(Range<usize>, Range<usize>)>>,
 }
@@ -483,7 +497,8 @@ struct Tokens {
 /// Tokenize and align: everything about the prompts that can fail before the
 /// text encoder runs.
 fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
-    let tok = ClipTokenizer::from_dir(&req.tokenizer)?;
+    let tokenizers = Tokenizers::open(&req.text)?;
+    let tok = tokenizers.primary();
     let guide = |d: &str| match (req.erase, d.trim().is_empty()) {
         (true, true) => " ".to_owned(),
         _ => d.to_owned(),
@@ -505,24 +520,24 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
         let identity = vec![(0..seq).collect(); pairs.len()];
         (identity, Some(positions))
     } else {
-        let rule = ArticleRule::from_tokenizer(&tok)?;
+        let rule = ArticleRule::from_tokenizer(tok)?;
         let maps = pairs
             .iter()
-            .map(|(s, d)| edit::align_prompts(&tok, &rule, s, d))
+            .map(|(s, d)| edit::align_prompts(tok, &rule, s, d))
             .collect::<Result<Vec<_>, _>>()?;
         (maps, None)
     };
     let mut ids = Vec::with_capacity(2 * pairs.len());
     for (s, _) in &pairs {
-        ids.push(tok.encode_padded(s)?);
+        ids.push(tokenizers.encode_padded(s)?);
     }
     for (_, d) in &pairs {
-        ids.push(tok.encode_padded(d)?);
+        ids.push(tokenizers.encode_padded(d)?);
     }
     let kept = match &req.preserve {
         Preserve::Prompts(prompts) => prompts
             .iter()
-            .map(|p| tok.encode_padded(p))
+            .map(|p| tokenizers.encode_padded(p))
             .collect::<Result<_, _>>()?,
         _ => Vec::new(),
     };
@@ -563,7 +578,7 @@ fn uce_rows(
 /// Dropped unused, because an earlier step failed, it waits for the thread:
 /// a process must not exit while ONNX Runtime is still building a session
 /// (its library's teardown would run under it).
-struct OpeningEncoder(Option<JoinHandle<Result<(Runtime, TextEncoder), EditJobError>>>);
+struct OpeningEncoder(Option<JoinHandle<Result<(Runtime, TextEncoders), EditJobError>>>);
 
 impl OpeningEncoder {
     /// When the UNet's bulk will be copied in the background (an output is
@@ -572,7 +587,7 @@ impl OpeningEncoder {
     /// slowed both (measured on the full-size model: the edit took 1.5–1.6 s
     /// this way, up to 2.4 s with two threads).
     fn start(req: &EditRequest) -> Self {
-        let path = req.text_encoder.clone();
+        let side = req.text.clone();
         let beside_copy = req.unet.is_some() && req.output.is_some();
         Self(Some(std::thread::spawn(move || {
             let rt = Runtime::load()?;
@@ -581,13 +596,13 @@ impl OpeningEncoder {
                 threads: beside_copy.then_some(1),
                 ..SessionOptions::default()
             };
-            let encoder = TextEncoder::open(&rt, &path, opts)?;
+            let encoder = TextEncoders::open(&rt, &side, opts)?;
             Ok((rt, encoder))
         })))
     }
 
     /// The session, once built. A panic in the thread is a bug: passed on.
-    fn wait(mut self) -> Result<(Runtime, TextEncoder), EditJobError> {
+    fn wait(mut self) -> Result<(Runtime, TextEncoders), EditJobError> {
         let thread = self.0.take().expect("waited for once");
         thread
             .join()
@@ -611,7 +626,7 @@ fn embed(
     encoder: OpeningEncoder,
     text: &Tokens,
     req: &EditRequest,
-) -> Result<(Array3<f32>, Option<Prior>), EditJobError> {
+) -> Result<(Embedded, Option<Prior>), EditJobError> {
     let (_rt, mut encoder) = encoder.wait()?;
     let emb = encoder.embed(&text.ids)?;
     let prior = match &req.preserve {
@@ -624,7 +639,7 @@ fn embed(
     };
     drop(encoder);
     let n = text.pairs.len();
-    for (k, row) in emb.axis_iter(Axis(0)).enumerate() {
+    for (k, row) in emb.context.axis_iter(Axis(0)).enumerate() {
         if row.iter().any(|v| !v.is_finite()) {
             let prompt = if k < n {
                 &text.pairs[k].0

@@ -21,7 +21,6 @@ use crate::eval::report::{
     Variant,
 };
 use crate::eval::{self, Classifier, ClassifierSpec, EvalError, Row, digest};
-use crate::pipeline::denoise::Guidance;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{label, png};
@@ -210,7 +209,7 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     let mut classifier = Classifier::open(&req.classifier, &rt, &req.model, req.session)?;
     let (height, width) = generator.default_size();
     // Every seed's latents are drawn now and a prompt's images are kept together.
-    generator.check_memory(req.seeds, Guidance(req.guidance), height, width)?;
+    generator.check_memory(req.seeds, req.guidance, height, width)?;
     let f = generator.model.vae_factor;
     let latents: Vec<ArrayD<f32>> = (0..req.seeds as u64)
         .map(|s| Rng::new(s).randn(&[1, 4, height / f, width / f]))
@@ -236,22 +235,12 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
     // The preservation prior, built once for every row's edit.
     let preserve = match &kept {
         Some(prompts) => {
-            let model = &generator.model;
-            let (prior, _) = prior_flow::build(
-                &rt,
-                &model.text_encoder,
-                &model.tokenizer,
-                prompts,
-                req.session,
-            )?;
+            let (prior, _) = prior_flow::build(&rt, &generator.model.text, prompts, req.session)?;
             Preserve::Built(prior)
         }
         None => Preserve::Nothing,
     };
-    let text_side = (
-        generator.model.text_encoder.clone(),
-        generator.model.tokenizer.clone(),
-    );
+    let text_side = generator.model.text.clone();
     let edit = |rows: &[Row]| -> Result<Operator, EvalJobError> {
         let req = EditRequest {
             lambda: req.lambda,
@@ -264,7 +253,7 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
                 .collect(),
             preserve: preserve.clone(),
             preserve_scale: req.preserve.as_ref().map_or(0.0, |(_, s)| *s),
-            ..EditRequest::new(text_side.0.clone(), text_side.1.clone(), "", "")
+            ..EditRequest::new(text_side.clone(), "", "")
         };
         Ok(edit_flow::run(&req)?.operator)
     };

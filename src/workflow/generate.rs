@@ -9,15 +9,17 @@
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, Array3, Array4, ArrayD, ArrayView3, ArrayView4, Axis, IxDyn, concatenate};
+use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, IxDyn, concatenate};
 
 use crate::edit::Operator;
 use crate::edit::operator_file::OperatorMeta;
 use crate::edit::record::{EditRecord, previous_records};
 use crate::edit::solve::compose;
-use crate::onnx::fingerprint::weights_fingerprint;
 use crate::onnx::summary::human_bytes;
 use crate::onnx::{Model, OnnxError};
+use crate::pipeline::conditioning::{
+    self, ConditioningError, TextBatch, UnetInputs, guidance_embedding, repeat_row,
+};
 use crate::pipeline::denoise::{DenoiseError, Guidance, denoise};
 use crate::pipeline::memory;
 use crate::pipeline::model::{ModelDir, ModelDirError};
@@ -27,8 +29,8 @@ use crate::pipeline::schedulers::{self, SchedulerConfig, SchedulerError, Schedul
 use crate::pipeline::unet::Unet;
 use crate::pipeline::vae::VaeDecoder;
 use crate::runtime::{Runtime, SessionError, SessionOptions};
-use crate::text::encoder::TextEncoder;
-use crate::text::{ClipTokenizer, TextError};
+use crate::text::encoder::{Embedded, TextEncoders};
+use crate::text::{TextError, Tokenizers};
 
 /// Everything that can stop a generation.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,15 @@ pub enum GenerateError {
     /// The UNet or text encoder file could not be read.
     #[error(transparent)]
     Onnx(#[from] OnnxError),
+    /// The UNet's extra inputs do not fit the folder.
+    #[error("{unet}: {source}")]
+    Conditioning {
+        /// The UNet file.
+        unet: PathBuf,
+        /// What does not fit.
+        #[source]
+        source: ConditioningError,
+    },
     /// Edit operators of different widths cannot compose.
     #[error("edit operators of different widths ({other} and {first})")]
     OperatorWidths {
@@ -83,15 +94,16 @@ pub enum GenerateError {
         /// The text encoder's.
         encoder: usize,
     },
-    /// The UNet and the text encoder come from different models.
+    /// The UNet and the text encoders come from different models.
     #[error(
-        "the UNet expects {unet}-wide text embeddings but the text encoder gives {encoder}: they come from different models"
+        "the UNet expects {unet}-wide text embeddings but the text encoders give {encoders}: they \
+         come from different models"
     )]
     TextWidth {
         /// What the UNet takes.
         unet: usize,
-        /// What the text encoder gives.
-        encoder: usize,
+        /// What the text encoders give, e.g. "64 (32 + 32)".
+        encoders: String,
     },
     /// The text encoder gave NaN or infinite embeddings for this prompt.
     #[error(
@@ -202,10 +214,12 @@ pub struct Generator {
     runtime: Runtime,
     opts: SessionOptions,
     skip_safety: bool,
-    tokenizer: ClipTokenizer,
+    tokenizers: Tokenizers,
     /// Latent (height, width) when the UNet export fixes them.
     unet_latent_size: Option<(usize, usize)>,
-    text_encoder: Option<TextEncoder>,
+    /// What the UNet reads besides the sample, timestep and text.
+    unet_inputs: UnetInputs,
+    text_encoder: Option<TextEncoders>,
     denoiser: Option<Denoiser>,
     scheduler_config: SchedulerConfig,
     /// Mᵀ `[d, d] f32` for the composed edit operators, applied to every
@@ -231,13 +245,25 @@ impl Generator {
         let unet_latent_size = unet_model
             .input_dims("sample")
             .and_then(|d| Some((d.get(2).copied()??, d.get(3).copied()??)));
+        let unet_inputs = UnetInputs::of(&unet_model);
+        let conditioning = |source| GenerateError::Conditioning {
+            unet: unet_path.clone(),
+            source,
+        };
+        unet_inputs
+            .check(model.text.encoders.len() > 1)
+            .map_err(conditioning)?;
+        if unet_inputs.timestep_cond.is_some() && Self::cond_width(&unet_inputs, &model).is_none() {
+            return Err(conditioning(ConditioningError::GuidanceWidth));
+        }
         Ok(Self {
             edits: previous_records(&unet_model),
             runtime: rt.clone(),
             opts,
             skip_safety: false,
-            tokenizer: ClipTokenizer::from_dir(&model.tokenizer)?,
+            tokenizers: Tokenizers::open(&model.text)?,
             unet_latent_size,
+            unet_inputs,
             text_encoder: None,
             denoiser: None,
             scheduler_config: SchedulerConfig::from_file(&model.scheduler_config)?,
@@ -261,13 +287,13 @@ impl Generator {
         self
     }
 
-    /// Refuses `images` images of `height`×`width` generated together when
-    /// their floor (see [`memory`]) is above the limit, before anything of
-    /// their size is allocated.
+    /// Refuses `images` images of `height`×`width` generated together with
+    /// guidance scale `guidance` when their floor (see [`memory`]) is above
+    /// the limit, before anything of their size is allocated.
     pub fn check_memory(
         &self,
         images: usize,
-        guidance: Guidance,
+        guidance: f64,
         height: usize,
         width: usize,
     ) -> Result<(), GenerateError> {
@@ -280,7 +306,7 @@ impl Generator {
         };
         let need = memory::Footprint {
             images,
-            unet_rows: images.saturating_mul(if guidance.is_on() { 2 } else { 1 }),
+            unet_rows: self.cfg(guidance).rows(images),
             height,
             width,
             factor: self.model.vae_factor,
@@ -299,6 +325,37 @@ impl Generator {
             });
         }
         Ok(())
+    }
+
+    /// The classifier-free guidance a scale runs as: none for an
+    /// LCM-distilled UNet, which reads the scale as an embedding instead
+    /// (diffusers turns CFG off for a UNet with `time_cond_proj_dim`).
+    pub fn cfg(&self, guidance: f64) -> Guidance {
+        if self.unet_inputs.timestep_cond.is_some() {
+            Guidance(0.0)
+        } else {
+            Guidance(guidance)
+        }
+    }
+
+    /// The guidance scale diffusers' pipeline for this folder defaults to:
+    /// 5 for SDXL (two text encoders), 8.5 for a latent consistency
+    /// pipeline, 7.5 for Stable Diffusion.
+    pub fn default_guidance(&self) -> f64 {
+        let class = self.model.pipeline_class.as_deref().unwrap_or_default();
+        if self.model.text.encoders.len() > 1 {
+            5.0
+        } else if class.contains("LatentConsistencyModel") {
+            8.5
+        } else {
+            7.5
+        }
+    }
+
+    /// The width of an LCM UNet's guidance embedding: its export's, else
+    /// its config's.
+    fn cond_width(inputs: &UnetInputs, model: &ModelDir) -> Option<usize> {
+        inputs.timestep_cond.flatten().or(model.unet_time_cond_dim)
     }
 
     /// Whether a safety checker runs on the images.
@@ -321,7 +378,7 @@ impl Generator {
             self.embedding_edit = None;
             return Ok(());
         };
-        let fingerprint = weights_fingerprint(&Model::open(&self.model.text_encoder)?)?;
+        let fingerprint = self.model.text.fingerprint()?;
         for (op, meta) in ops {
             if op.dim() != first.dim() {
                 return Err(GenerateError::OperatorWidths {
@@ -354,48 +411,76 @@ impl Generator {
         self.embedding_edit = op.map(|o| o.transposed().mapv(|v| v as f32));
     }
 
-    /// Embeds `[negative_prompt, prompt]`: `[2, 77, d] f32`, edit operators applied.
+    /// Embeds `[negative_prompt, prompt]`: the context `[2, 77, d] f32`,
+    /// edit operators applied, and for SDXL the pooled embeddings `[2, p]`
+    /// (which no edit touches). An empty negative prompt is "no negative
+    /// prompt": with the folder's `force_zeros_for_empty_prompt` (SDXL) the
+    /// unconditional row is then zeros, as in diffusers' SDXL pipeline.
     pub fn embed(
         &mut self,
         prompt: &str,
         negative_prompt: &str,
-    ) -> Result<Array3<f32>, GenerateError> {
+    ) -> Result<Embedded, GenerateError> {
+        let primary = self.tokenizers.primary();
         for (what, text) in [("prompt", prompt), ("negative prompt", negative_prompt)] {
-            if let Some(dropped) = self.tokenizer.dropped_text(text)? {
+            if let Some(dropped) = primary.dropped_text(text)? {
                 tracing::warn!(
                     "the {what} is longer than the text encoder's {} tokens; dropped: {dropped:?}",
-                    self.tokenizer.max_len()
+                    primary.max_len()
                 );
             }
         }
         let ids = vec![
-            self.tokenizer.encode_padded(negative_prompt)?,
-            self.tokenizer.encode_padded(prompt)?,
+            self.tokenizers.encode_padded(negative_prompt)?,
+            self.tokenizers.encode_padded(prompt)?,
         ];
         let encoder = match &mut self.text_encoder {
             Some(e) => e,
-            None => self.text_encoder.insert(TextEncoder::open(
+            None => self.text_encoder.insert(TextEncoders::open(
                 &self.runtime,
-                &self.model.text_encoder,
+                &self.model.text,
                 self.opts,
             )?),
         };
         let mut emb = encoder.embed(&ids)?;
         // NaN here would silently turn every image black.
-        for (row, text) in emb.axis_iter(Axis(0)).zip([negative_prompt, prompt]) {
-            if row.iter().any(|v| !v.is_finite()) {
+        for (k, text) in [negative_prompt, prompt].into_iter().enumerate() {
+            let finite = emb
+                .context
+                .index_axis(Axis(0), k)
+                .iter()
+                .all(|v| v.is_finite())
+                && emb
+                    .pooled
+                    .as_ref()
+                    .is_none_or(|p| p.row(k).iter().all(|v| v.is_finite()));
+            if !finite {
                 return Err(GenerateError::NonFiniteEmbedding(text.to_owned()));
             }
         }
+        if let Some(w) = self.unet_inputs.context_width
+            && w != emb.context.shape()[2]
+        {
+            return Err(GenerateError::TextWidth {
+                unet: w,
+                encoders: emb.describe_width(),
+            });
+        }
+        if negative_prompt.is_empty() && self.model.force_zeros_for_empty_prompt {
+            emb.context.index_axis_mut(Axis(0), 0).fill(0.0);
+            if let Some(p) = &mut emb.pooled {
+                p.row_mut(0).fill(0.0);
+            }
+        }
         if let Some(mt) = &self.embedding_edit {
-            let d = emb.shape()[2];
+            let d = emb.context.shape()[2];
             if mt.nrows() != d {
                 return Err(GenerateError::OperatorWidth {
                     operator: mt.nrows(),
                     encoder: d,
                 });
             }
-            for mut seq in emb.axis_iter_mut(Axis(0)) {
+            for mut seq in emb.context.axis_iter_mut(Axis(0)) {
                 let edited = seq.dot(mt);
                 seq.assign(&edited);
             }
@@ -428,12 +513,12 @@ impl Generator {
         })
     }
 
-    /// Generates `p.num_images` images from embeddings `[2, 77, d] f32`
-    /// (negative, prompt) made by [`Self::embed`]. `progress(call, calls)` is
-    /// told after every UNet call.
+    /// Generates `p.num_images` images from the embeddings of one prompt
+    /// (negative, prompt) made by [`Self::embed`]. `progress(call, calls)`
+    /// is told after every UNet call.
     pub fn generate(
         &mut self,
-        emb: &Array3<f32>,
+        emb: &Embedded,
         p: &Params,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Images, GenerateError> {
@@ -445,20 +530,26 @@ impl Generator {
             Some(l) => broadcast_latents(l, shape)?,
             None => rng.randn(&shape),
         };
-        let hidden = Guidance(p.guidance).text_batch(emb.view(), p.num_images);
-        self.denoise_and_decode(hidden, latents, p, &mut rng, progress)
+        let rows: Vec<(&Embedded, usize)> = self
+            .cfg(p.guidance)
+            .text_rows(p.num_images)
+            .into_iter()
+            .map(|r| (emb, r))
+            .collect();
+        let batch = self.text_batch(&rows, p)?;
+        self.denoise_and_decode(batch, latents, p, &mut rng, progress)
     }
 
-    /// One image per `(embeddings [2, 77, d], latents [1, 4, h/f, w/f])`,
-    /// every one with `p`'s size, steps, guidance and scheduler, denoised in
-    /// one batch: what a server does for requests that carry different
-    /// prompts and edits. With a deterministic scheduler each image is the
-    /// one [`Self::generate`] draws from that embedding and those latents
-    /// (the rows of a UNet batch do not mix); stochastic schedulers would
-    /// draw every image's noise from `p.seed`.
+    /// One image per `(embeddings, latents [1, 4, h/f, w/f])`, every one
+    /// with `p`'s size, steps, guidance and scheduler, denoised in one
+    /// batch: what a server does for requests that carry different prompts
+    /// and edits. With a deterministic scheduler each image is the one
+    /// [`Self::generate`] draws from that embedding and those latents (the
+    /// rows of a UNet batch do not mix); stochastic schedulers would draw
+    /// every image's noise from `p.seed`.
     pub fn generate_each(
         &mut self,
-        items: &[(ArrayView3<f32>, ArrayView4<f32>)],
+        items: &[(&Embedded, ArrayView4<f32>)],
         p: &Params,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Images, GenerateError> {
@@ -469,10 +560,8 @@ impl Generator {
         self.check_params(&p)?;
         let f = self.model.vae_factor;
         let want = [1, 4, p.height / f, p.width / f];
-        let shape_error = |e: ndarray::ShapeError| GenerateError::Shape(e.to_string());
         let mut latents = Vec::new();
-        let (mut uncond, mut cond) = (Vec::new(), Vec::new());
-        for (emb, l) in items {
+        for (_, l) in items {
             if l.shape() != want {
                 return Err(GenerateError::LatentsShape {
                     got: l.shape().to_vec(),
@@ -480,18 +569,82 @@ impl Generator {
                 });
             }
             latents.push(l.view());
-            uncond.push(emb.slice(ndarray::s![0..1, .., ..]));
-            cond.push(emb.slice(ndarray::s![1..2, .., ..]));
         }
-        let latents = concatenate(Axis(0), &latents).map_err(shape_error)?;
-        let rows = if Guidance(p.guidance).is_on() {
-            [uncond, cond].concat()
-        } else {
-            cond
-        };
-        let hidden = concatenate(Axis(0), &rows).map_err(shape_error)?;
+        let latents =
+            concatenate(Axis(0), &latents).map_err(|e| GenerateError::Shape(e.to_string()))?;
+        // Every item's unconditional row, then every item's prompt row.
+        let guided = self.cfg(p.guidance).is_on();
+        let halves: &[usize] = if guided { &[0, 1] } else { &[1] };
+        let rows: Vec<(&Embedded, usize)> = halves
+            .iter()
+            .flat_map(|&r| items.iter().map(move |(e, _)| (*e, r)))
+            .collect();
+        let batch = self.text_batch(&rows, &p)?;
         let mut rng = Rng::new(p.seed);
-        self.denoise_and_decode(hidden, latents.into_dyn(), &p, &mut rng, progress)
+        self.denoise_and_decode(batch, latents.into_dyn(), &p, &mut rng, progress)
+    }
+
+    /// The UNet's batch: row k is row `rows[k].1` (0 negative, 1 prompt) of
+    /// embeddings `rows[k].0`, with SDXL's pooled embedding and size
+    /// conditioning and LCM's guidance embedding where the UNet reads them.
+    fn text_batch(
+        &self,
+        rows: &[(&Embedded, usize)],
+        p: &Params,
+    ) -> Result<TextBatch, GenerateError> {
+        let shape_error = |e: ndarray::ShapeError| GenerateError::Shape(e.to_string());
+        let context: Vec<_> = rows
+            .iter()
+            .map(|(e, r)| e.context.slice(ndarray::s![*r..*r + 1, .., ..]))
+            .collect();
+        let hidden = concatenate(Axis(0), &context).map_err(shape_error)?;
+        let text_embeds = match self.unet_inputs.text_embeds {
+            None => None,
+            Some(width) => {
+                let pooled: Vec<_> = rows
+                    .iter()
+                    .filter_map(|(e, r)| {
+                        Some(e.pooled.as_ref()?.slice(ndarray::s![*r..*r + 1, ..]))
+                    })
+                    .collect();
+                if pooled.len() != rows.len() {
+                    return Err(self.conditioning(ConditioningError::NoPooledOutput));
+                }
+                let pooled = concatenate(Axis(0), &pooled).map_err(shape_error)?;
+                if let Some(w) = width
+                    && w != pooled.ncols()
+                {
+                    return Err(self.conditioning(ConditioningError::PooledWidth {
+                        unet: w,
+                        encoder: pooled.ncols(),
+                    }));
+                }
+                Some(pooled)
+            }
+        };
+        let time_ids = self
+            .unet_inputs
+            .time_ids
+            .map(|_| repeat_row(&conditioning::time_ids(p.height, p.width), rows.len()));
+        let timestep_cond = match Self::cond_width(&self.unet_inputs, &self.model) {
+            Some(dim) if self.unet_inputs.timestep_cond.is_some() => {
+                Some(repeat_row(&guidance_embedding(p.guidance, dim), rows.len()))
+            }
+            _ => None,
+        };
+        Ok(TextBatch {
+            hidden,
+            text_embeds,
+            time_ids,
+            timestep_cond,
+        })
+    }
+
+    fn conditioning(&self, source: ConditioningError) -> GenerateError {
+        GenerateError::Conditioning {
+            unet: self.unet_path.clone(),
+            source,
+        }
     }
 
     /// Refuses a size the VAE cannot make, nothing to do, a non-finite
@@ -515,38 +668,29 @@ impl Generator {
         if !p.guidance.is_finite() {
             return Err(GenerateError::Guidance(p.guidance));
         }
-        self.check_memory(p.num_images, Guidance(p.guidance), p.height, p.width)
+        self.check_memory(p.num_images, p.guidance, p.height, p.width)
     }
 
-    /// Denoises `latents` with the UNet bound to `hidden` (the text batch)
-    /// and decodes them, the safety checker after.
+    /// Denoises `latents` with the UNet bound to `batch` and decodes them,
+    /// the safety checker after.
     fn denoise_and_decode(
         &mut self,
-        hidden: Array3<f32>,
+        batch: TextBatch,
         latents: ArrayD<f32>,
         p: &Params,
         rng: &mut Rng,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Images, GenerateError> {
         let n = p.num_images;
-        let guidance = Guidance(p.guidance);
+        let guidance = self.cfg(p.guidance);
         let kind = self.scheduler_kind(p)?;
         let mut scheduler = schedulers::build(&self.scheduler_config, kind, p.steps, p.eta)?;
         let vae_scale = self.model.vae_scaling_factor;
         let den = self.denoiser(guidance.rows(n))?;
-        let d = hidden.shape()[2];
-        if let Some(w) = den.unet.text_width()
-            && w != d
-        {
-            return Err(GenerateError::TextWidth {
-                unet: w,
-                encoder: d,
-            });
-        }
         let x = denoise(
             &mut den.unet,
             &mut scheduler,
-            hidden.view(),
+            &batch,
             latents,
             guidance,
             rng,

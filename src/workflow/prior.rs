@@ -2,16 +2,14 @@
 //! Cₚ = Σ cₚcₚᵀ → a prior file that every later edit with this text encoder
 //! can reuse (`edit --prior`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::edit::prior::{self, Prior, PriorMeta};
 use crate::edit::record;
-use crate::onnx::Model;
-use crate::onnx::fingerprint::weights_fingerprint;
 use crate::runtime::{Device, Runtime, SessionOptions};
-use crate::text::ClipTokenizer;
-use crate::text::encoder::TextEncoder;
+use crate::text::encoder::TextEncoders;
+use crate::text::{PromptIds, TextSide, Tokenizers};
 
 use super::edit::EditJobError;
 
@@ -22,10 +20,8 @@ pub const BATCH: usize = 64;
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct PriorRequest {
-    /// The text encoder model file.
-    pub text_encoder: PathBuf,
-    /// The tokenizer folder.
-    pub tokenizer: PathBuf,
+    /// The text encoders and tokenizers.
+    pub text: TextSide,
     /// The prompts to preserve.
     pub prompts: Vec<String>,
     /// Where to write the prior file.
@@ -51,13 +47,13 @@ pub fn run(req: &PriorRequest) -> Result<PriorReport, EditJobError> {
     if req.prompts.is_empty() {
         return Err(EditJobError::NoPriorPrompts);
     }
-    let fingerprint = weights_fingerprint(&Model::open(&req.text_encoder)?)?;
+    let fingerprint = req.text.fingerprint()?;
     let rt = Runtime::load()?;
     let opts = SessionOptions {
         device: Device::Cpu,
         ..SessionOptions::default()
     };
-    let (prior, encoder_time) = build(&rt, &req.text_encoder, &req.tokenizer, &req.prompts, opts)?;
+    let (prior, encoder_time) = build(&rt, &req.text, &req.prompts, opts)?;
     let meta = PriorMeta {
         prompts: prior.prompts(),
         width: prior.dim(),
@@ -73,21 +69,20 @@ pub fn run(req: &PriorRequest) -> Result<PriorReport, EditJobError> {
     })
 }
 
-/// Cₚ of `prompts` with this text encoder and tokenizer, and the time spent
-/// in the text encoder's runs.
+/// Cₚ of `prompts` with these text encoders and tokenizers, and the time
+/// spent in the text encoders' runs.
 pub fn build(
     rt: &Runtime,
-    text_encoder: &Path,
-    tokenizer: &Path,
+    text: &TextSide,
     prompts: &[String],
     opts: SessionOptions,
 ) -> Result<(Prior, Duration), EditJobError> {
-    let tok = ClipTokenizer::from_dir(tokenizer)?;
+    let tok = Tokenizers::open(text)?;
     let ids = prompts
         .iter()
         .map(|p| tok.encode_padded(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut encoder = TextEncoder::open(rt, text_encoder, opts)?;
+    let mut encoder = TextEncoders::open(rt, text, opts)?;
     let encoding = Instant::now();
     let prior = embed_prior(&mut encoder, prompts, &ids)?;
     Ok((prior, encoding.elapsed()))
@@ -96,13 +91,13 @@ pub fn build(
 /// Cₚ of `prompts` (tokenized as `ids`), through the text encoder
 /// [`BATCH`] prompts at a time, every embedding checked finite.
 pub fn embed_prior(
-    encoder: &mut TextEncoder,
+    encoder: &mut TextEncoders,
     prompts: &[String],
-    ids: &[Vec<u32>],
+    ids: &[PromptIds],
 ) -> Result<Prior, EditJobError> {
     let mut prior: Option<Prior> = None;
     for (chunk, texts) in ids.chunks(BATCH).zip(prompts.chunks(BATCH)) {
-        let emb = encoder.embed(chunk)?;
+        let emb = encoder.embed(chunk)?.context;
         for (row, text) in emb.outer_iter().zip(texts) {
             if row.iter().any(|v| !v.is_finite()) {
                 return Err(EditJobError::NonFiniteEmbedding {

@@ -13,6 +13,7 @@ use time_onnx::pipeline::schedulers::SchedulerKind;
 use time_onnx::pipeline::schedulers::python_json;
 use time_onnx::runtime::GraphOptimization;
 use time_onnx::runtime::{Device, SessionOptions};
+use time_onnx::text::TextSide;
 use time_onnx::workflow::edit::EditRequest;
 use time_onnx::workflow::eval::EvalRequest;
 use time_onnx::workflow::generate::{GenerateError, Generator, Images, Params};
@@ -51,12 +52,8 @@ pub fn cpu_threads(threads: usize) -> SessionOptions {
 /// struct update syntax).
 pub fn edit_request(flavour: &str, source: &str, destination: &str) -> EditRequest {
     let dir = fixture(&format!("sd-tiny/{flavour}"));
-    EditRequest::new(
-        dir.join("text_encoder/model.onnx"),
-        dir.join("tokenizer"),
-        source,
-        destination,
-    )
+    let text = TextSide::single(dir.join("text_encoder/model.onnx"), dir.join("tokenizer"));
+    EditRequest::new(text, source, destination)
 }
 
 /// A model folder that is fixture flavour `flavour` with the scheduler

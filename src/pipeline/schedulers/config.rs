@@ -80,6 +80,12 @@ pub struct SchedulerConfig {
     pub variance_type: Option<String>,
     /// DPM: Lu et al.'s λ spacing (not implemented; must be false).
     pub use_lu_lambdas: Option<bool>,
+    /// LCM: the distillation schedule's step count (default 50).
+    pub original_inference_steps: Option<usize>,
+    /// LCM: timesteps are multiplied by this in the boundary conditions
+    /// (default 10).
+    #[serde(deserialize_with = "python_float")]
+    pub timestep_scaling: Option<f64>,
     /// DPM: flow-matching σ (not implemented; must be false).
     pub use_flow_sigmas: Option<bool>,
     /// DPM: resolution-dependent shifting (not implemented; must be false).

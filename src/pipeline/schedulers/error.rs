@@ -33,8 +33,8 @@ pub enum SchedulerError {
     MissingClassName,
     /// Neither a known CLI name nor a known diffusers class.
     #[error(
-        "unknown scheduler {name:?}: expected one of pndm, ddim, euler, euler-a, lms, dpm++2m \
-         or their diffusers class names"
+        "unknown scheduler {name:?}: expected one of pndm, ddim, euler, euler-a, lms, dpm++2m, \
+         lcm or their diffusers class names"
     )]
     UnknownScheduler {
         /// The name given.
@@ -87,6 +87,17 @@ pub enum SchedulerError {
         steps: usize,
         /// T.
         num_train_timesteps: usize,
+    },
+    /// More LCM steps than its distillation schedule has timesteps.
+    #[error(
+        "{steps} inference steps requested, but LCM takes at most original_inference_steps \
+         ({original}) steps"
+    )]
+    LcmSteps {
+        /// Steps asked for.
+        steps: usize,
+        /// `original_inference_steps`.
+        original: usize,
     },
     /// The spacing (with `steps_offset`) produced a timestep with no ᾱ.
     #[error(

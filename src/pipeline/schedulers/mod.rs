@@ -15,9 +15,9 @@
 //! ```
 //!
 //! (PNDM calls the UNet N+1 times for N steps, so "call" ≠ "step" there.)
-//! Randomness is explicit: only DDIM with η > 0 and Euler ancestral draw from
-//! the `noise` function, once per call, with the sample's shape; the others
-//! never call it. Tests pass recorded noise; the generator passes
+//! Randomness is explicit: only DDIM with η > 0, Euler ancestral and LCM
+//! draw from the `noise` function, once per call (LCM: but the last), with
+//! the sample's shape; the others never call it. Tests pass recorded noise; the generator passes
 //! [`crate::pipeline::rng::Rng::randn`].
 //!
 //! Each scheduler file holds only its update rule and the history it keeps;
@@ -59,6 +59,7 @@ mod ddim;
 mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
+mod lcm;
 mod lms;
 mod pndm;
 
@@ -70,7 +71,8 @@ pub use error::SchedulerError;
 pub use plan::Scheduler;
 pub use schedule::{BetaSchedule, BetaSource, NoiseSchedule, TimestepSpacing};
 pub use settings::{
-    DpmSettings, FinalSigmas, InterpolationType, PredictionType, Settings, SolverType, TimestepType,
+    DpmSettings, FinalSigmas, InterpolationType, LcmSettings, PredictionType, Settings, SolverType,
+    TimestepType,
 };
 
 /// Builds the scheduler `kind` for `steps` inference steps from a
@@ -105,6 +107,7 @@ pub fn build(
         SchedulerKind::EulerAncestral => euler_ancestral::new(&settings, steps),
         SchedulerKind::Lms => lms::new(&settings, steps),
         SchedulerKind::DpmSolverMultistep => dpmpp_2m::new(&settings, steps),
+        SchedulerKind::Lcm => lcm::new(&settings, steps),
     }
 }
 
@@ -125,17 +128,21 @@ pub enum SchedulerKind {
     /// class defaults; a config's own `solver_order` (1–3) and `solver_type`
     /// are honoured as in diffusers.
     DpmSolverMultistep,
+    /// `LCMScheduler` (`lcm`): latent consistency models' sampler, for
+    /// LCM-distilled UNets; stochastic.
+    Lcm,
 }
 
 impl SchedulerKind {
     /// Every kind, in CLI listing order.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         Self::Pndm,
         Self::Ddim,
         Self::Euler,
         Self::EulerAncestral,
         Self::Lms,
         Self::DpmSolverMultistep,
+        Self::Lcm,
     ];
 
     /// diffusers' class name, as in `_class_name`.
@@ -147,13 +154,14 @@ impl SchedulerKind {
             Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
             Self::Lms => "LMSDiscreteScheduler",
             Self::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            Self::Lcm => "LCMScheduler",
         }
     }
 
     /// Whether its steps draw noise (with DDIM's η at 0): such images depend
     /// on the batch they were drawn in, so a server never batches them.
     pub fn draws_noise(self) -> bool {
-        self == Self::EulerAncestral
+        matches!(self, Self::EulerAncestral | Self::Lcm)
     }
 
     /// The short name the CLI takes.
@@ -165,6 +173,7 @@ impl SchedulerKind {
             Self::EulerAncestral => "euler-a",
             Self::Lms => "lms",
             Self::DpmSolverMultistep => "dpm++2m",
+            Self::Lcm => "lcm",
         }
     }
 

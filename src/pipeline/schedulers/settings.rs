@@ -37,13 +37,13 @@ impl SchedulerConfig {
         let betas = self.beta_source(class)?;
         let prediction_type = self.prediction_type(kind)?;
         let timestep_spacing = self.timestep_spacing(kind)?;
-        let rescale_betas_zero_snr = [Ddim, Euler, EulerAncestral, DpmSolverMultistep]
+        let rescale_betas_zero_snr = [Ddim, Euler, EulerAncestral, DpmSolverMultistep, Lcm]
             .contains(&kind)
             && self.rescale_betas_zero_snr.unwrap_or(false);
-        // PNDM defaults to set_alpha_to_one = false, DDIM to true.
+        // PNDM defaults to set_alpha_to_one = false, DDIM and LCM to true.
         let set_alpha_to_one = match kind {
             Pndm => self.set_alpha_to_one.unwrap_or(false),
-            Ddim => self.set_alpha_to_one.unwrap_or(true),
+            Ddim | Lcm => self.set_alpha_to_one.unwrap_or(true),
             _ => false,
         };
         self.refuse_prk_warmup(kind)?;
@@ -54,6 +54,10 @@ impl SchedulerConfig {
         let dpm = match kind {
             DpmSolverMultistep => self.dpm_settings()?,
             _ => DpmSettings::default(),
+        };
+        let lcm = match kind {
+            Lcm => self.lcm_settings()?,
+            _ => LcmSettings::default(),
         };
         Ok(Settings {
             kind,
@@ -69,6 +73,7 @@ impl SchedulerConfig {
             timestep_type,
             final_sigmas_type,
             dpm,
+            lcm,
         })
     }
 
@@ -98,17 +103,18 @@ impl SchedulerConfig {
         let key = match kind {
             Pndm | EulerAncestral => PREDICTION_EPS_V,
             Euler => PREDICTION_EULER,
-            Ddim | Lms | DpmSolverMultistep => PREDICTION_ALL,
+            Ddim | Lms | DpmSolverMultistep | Lcm => PREDICTION_ALL,
         };
         choose(kind.class_name(), key, &self.prediction_type, "epsilon")
     }
 
     /// `timestep_spacing`, defaulting per class ("leading" for PNDM and
-    /// DDIM, "linspace" for the σ schedulers).
+    /// DDIM, "linspace" for the σ schedulers). LCM accepts the key but its
+    /// timesteps do not depend on it.
     fn timestep_spacing(&self, kind: SchedulerKind) -> Result<TimestepSpacing, SchedulerError> {
         use SchedulerKind::*;
         let default = match kind {
-            Pndm | Ddim => "leading",
+            Pndm | Ddim | Lcm => "leading",
             Euler | EulerAncestral | Lms | DpmSolverMultistep => "linspace",
         };
         choose(kind.class_name(), SPACING, &self.timestep_spacing, default)
@@ -129,12 +135,17 @@ impl SchedulerConfig {
         Ok(())
     }
 
-    /// DDIM's clipping of x₀ (default on, range 1); then DDIM's and
-    /// DPM-Solver's dynamic thresholding, refused.
+    /// DDIM's and LCM's clipping of x₀ (DDIM's default on, LCM's off; range
+    /// 1); then DDIM's, DPM-Solver's and LCM's dynamic thresholding, refused.
     fn clip_sample(&self, kind: SchedulerKind) -> Result<Option<f64>, SchedulerError> {
         use SchedulerKind::*;
         let class = kind.class_name();
-        let clip = if kind == Ddim && self.clip_sample.unwrap_or(true) {
+        let clips = match kind {
+            Ddim => self.clip_sample.unwrap_or(true),
+            Lcm => self.clip_sample.unwrap_or(false),
+            _ => false,
+        };
+        let clip = if clips {
             let range = self.clip_sample_range.unwrap_or(1.0);
             if !(range.is_finite() && range > 0.0) {
                 return Err(invalid(
@@ -148,7 +159,7 @@ impl SchedulerConfig {
         } else {
             None
         };
-        if [Ddim, DpmSolverMultistep].contains(&kind) && self.thresholding.unwrap_or(false) {
+        if [Ddim, DpmSolverMultistep, Lcm].contains(&kind) && self.thresholding.unwrap_or(false) {
             return Err(unsupported(
                 class,
                 "thresholding",
@@ -202,6 +213,27 @@ impl SchedulerConfig {
             &self.final_sigmas_type,
             "zero",
         )
+    }
+
+    /// LCM's own keys.
+    fn lcm_settings(&self) -> Result<LcmSettings, SchedulerError> {
+        let class = SchedulerKind::Lcm.class_name();
+        let defaults = LcmSettings::default();
+        let scaling = self.timestep_scaling.unwrap_or(defaults.timestep_scaling);
+        if !scaling.is_finite() {
+            return Err(invalid(
+                class,
+                "timestep_scaling",
+                &scaling.to_string(),
+                "a finite number",
+            ));
+        }
+        Ok(LcmSettings {
+            original_inference_steps: self
+                .original_inference_steps
+                .unwrap_or(defaults.original_inference_steps),
+            timestep_scaling: scaling,
+        })
     }
 
     /// DPM-Solver's own keys.
@@ -304,6 +336,26 @@ pub struct Settings {
     pub final_sigmas_type: FinalSigmas,
     /// DPM-Solver only.
     pub dpm: DpmSettings,
+    /// LCM only.
+    pub lcm: LcmSettings,
+}
+
+/// LCM's own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LcmSettings {
+    /// Steps of the distillation schedule the inference timesteps are taken from.
+    pub original_inference_steps: usize,
+    /// Factor on the timestep in the boundary conditions c_skip, c_out.
+    pub timestep_scaling: f64,
+}
+
+impl Default for LcmSettings {
+    fn default() -> Self {
+        Self {
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
+        }
+    }
 }
 
 /// DPM-Solver's own settings.
