@@ -404,6 +404,7 @@ def turbo_lcm_stage(root: Path, mf) -> None:
         shutil.rmtree(out)
     guidance_embedding_golden(mf, out)
     few_step_goldens(mf, fx, out)
+    vae_trap(mf, fx, out)
 
 
 def guidance_embedding_golden(mf, out: Path) -> None:
@@ -481,3 +482,73 @@ def few_step_goldens(mf, fx: Path, out: Path) -> None:
         mf.Log.say(f"few-step {name}: {type(pipe.scheduler).__name__} t={index['runs'][-1]['timesteps']}, "
                    f"{noise.draws} noise draws")
     mf.write_json(out / "index.json", index)
+
+
+# ---- the float16 VAE trap ---------------------------------------------------------------------------------
+VAE_TRAP_GAIN = 3.0e4   # conv_in scaled so that the decoder's activations pass float16's 65504
+
+
+def vae_trap(mf, fx: Path, out: Path) -> None:
+    """`sdxl-tiny/fp16-vae/`: every part float16 as `optimum-cli export onnx --dtype fp16` writes an SDXL
+    folder, with a VAE decoder whose activations overflow in float16 (SDXL's VAE does; this tiny one has its
+    conv_in scaled so that it does too; a GroupNorm after it brings the values back, so float32 decodes
+    fine). Golden: diffusers' AutoencoderKL.decode in float32 on the float16-rounded weights (what the SDXL
+    pipeline does with `force_upcast`); the fp16 ONNX decoder in onnxruntime is recorded to give NaN/inf."""
+    import onnx
+    import torch
+    from onnxruntime.transformers import float16 as ort16
+
+    folder = fx / "sdxl-tiny" / "fp16-vae"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        mf.symlink(folder / sub, f"../optimum/{sub}")
+    mf.symlink(folder / "unet", "../fp16/unet")
+    shutil.copyfile(fx / "sdxl-tiny" / "optimum" / "model_index.json", folder / "model_index.json")
+    pipe = build_pipeline(mf, fx / "sdxl-tiny")
+    vae = pipe.vae
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(VAE_TRAP_GAIN)
+        vae.decoder.conv_in.bias.mul_(VAE_TRAP_GAIN)
+        for p in vae.parameters():  # the weights a float16 file holds
+            p.copy_(p.half().float())
+
+    class Decode(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    dec = folder / "vae_decoder"
+    dec.mkdir()
+    fp32_path = out / "vae_fp32.tmp.onnx"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(Decode(vae).eval(), (torch.randn(1, 4, LATENT, LATENT),), str(fp32_path),
+                      input_names=["latent_sample"], output_names=["sample"], opset_version=18, dynamo=False,
+                      dynamic_axes={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+                                    "sample": {0: "batch_size", 2: "height", 3: "width"}})
+    half = ort16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=False)
+    fp32_path.unlink()
+    onnx.save_model(half, str(dec / "model.onnx"))
+    vae.save_config(str(dec))  # config.json: scaling_factor, force_upcast true
+    latents = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(SEED_LATENTS + 1))
+    with torch.no_grad():
+        img = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy().astype(np.float32)
+    sess = mf.ort_session(dec / "model.onnx")
+    raw16 = sess.run(None, {"latent_sample": (latents / vae.config.scaling_factor).numpy().astype(np.float16)})[0]
+    finite16 = bool(np.isfinite(raw16.astype(np.float32)).all())
+    assert not finite16, "the float16 decoder was meant to overflow"
+    assert np.isfinite(img).all()
+    mf.save_npy(out / "vae_trap.latents.npy", latents.numpy())
+    mf.save_npy(out / "vae_trap.image.npy", img)
+    mf.write_json(out / "vae_trap.json", {
+        "latents": "vae_trap.latents.npy (before dividing by scaling_factor)", "image": "vae_trap.image.npy",
+        "reference": "diffusers AutoencoderKL.decode in float32 on the float16-rounded weights, image = "
+                     "clamp(x/2 + 0.5, 0, 1), NHWC", "conv_in_gain": VAE_TRAP_GAIN,
+        "scaling_factor": vae.config.scaling_factor, "force_upcast": vae.config.force_upcast,
+        "onnxruntime_fp16_decoder_output_finite": finite16})
+    mf.Log.say(f"vae trap: fp16 decoder finite={finite16}; fp32 reference mean {img.mean():.4f}")

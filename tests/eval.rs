@@ -185,8 +185,9 @@ fn eval_resumes_and_never_overwrites_silently() {
     assert_eq!(calls, per_row, "only row 1 was generated");
 }
 
-#[test]
-fn clip_classifier_runs_end_to_end() {
+/// One TIMED row (a source, one positive, one negative) scored with the
+/// tiny CLIP judge on the model folder `model` (a fixture).
+fn clip_eval_runs_end_to_end_on(model: &str) {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("one.csv");
     let mut header = vec!["old".to_string(), "new".to_string()];
@@ -206,7 +207,7 @@ fn clip_classifier_runs_end_to_end() {
     std::fs::write(&csv, format!("{}\n{}\n", header.join(","), cells.join(","))).unwrap();
     let out = dir.path().join("report");
     let mut req = request(
-        &Path::new(ROOT).join("tests/fixtures/sd-tiny/optimum"),
+        &Path::new(ROOT).join("tests/fixtures").join(model),
         &csv,
         &out,
     );
@@ -224,6 +225,19 @@ fn clip_classifier_runs_end_to_end() {
         assert_eq!(p.picks.len(), 1);
         assert!(p.picks[0].is_some(), "{p:?}");
     }
+    assert!(out.join("report.md").exists() && out.join("row-00.png").exists());
+}
+
+#[test]
+fn clip_classifier_runs_end_to_end() {
+    clip_eval_runs_end_to_end_on("sd-tiny/optimum");
+}
+
+/// `eval` on an SDXL folder, unchanged: both text encoders, pooled
+/// embeddings and time ids reach the UNet through the same generator.
+#[test]
+fn eval_runs_on_an_sdxl_folder() {
+    clip_eval_runs_end_to_end_on("sdxl-tiny/optimum");
 }
 
 /// No tuning to the test: the toy world's preservation prompts share no

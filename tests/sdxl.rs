@@ -430,3 +430,48 @@ fn inconsistent_sdxl_folders_are_named() {
         "{e}"
     );
 }
+
+/// SDXL's VAE overflows in float16. A float16 decoder whose activations pass
+/// 65504 (onnxruntime gives NaN/inf on it, recorded by the script) is run
+/// in float32, as diffusers' SDXL pipeline does with `force_upcast`: the
+/// image equals diffusers' float32 decode of the same weights. Not upcast,
+/// it is refused by name instead of drawing a black image.
+#[test]
+fn a_float16_sdxl_vae_decodes_in_float32() {
+    use time_onnx::pipeline::vae::VaeDecoder;
+    let rt = Runtime::load().unwrap();
+    let index = json("goldens/sdxl/fast/vae_trap.json");
+    assert_eq!(index["onnxruntime_fp16_decoder_output_finite"], false);
+    let scale = index["scaling_factor"].as_f64().unwrap() as f32;
+    let latents = npy(&fixture("goldens/sdxl/fast/vae_trap.latents.npy"))
+        .mapv(|v| v / scale)
+        .into_dimensionality()
+        .unwrap();
+    let golden = npy(&fixture("goldens/sdxl/fast/vae_trap.image.npy"));
+    let path = sdxl("fp16-vae").join("vae_decoder/model.onnx");
+    let mut upcast = VaeDecoder::open(&rt, &path, cpu_threads(2), true).unwrap();
+    let img = upcast.decode(latents.view()).unwrap().into_dyn();
+    let d = max_abs_diff(&img, &golden);
+    assert!(d <= 1e-4, "float32 decode off by {d:.2e}");
+    let mut as_is = VaeDecoder::open(&rt, &path, cpu_threads(2), false).unwrap();
+    let e = as_is.decode(latents.view()).unwrap_err().to_string();
+    assert!(e.contains("NaN or infinite"), "{e}");
+
+    // the whole folder (float16 UNet and VAE) through the generator
+    let mut g = Generator::open(&rt, &sdxl("fp16-vae"), None, cpu_threads(2)).unwrap();
+    let p = Params {
+        steps: 2,
+        guidance: 5.0,
+        negative_prompt: String::new(),
+        num_images: 1,
+        height: 128,
+        width: 128,
+        seed: 1,
+        latents: None,
+        scheduler: None,
+        eta: 0.0,
+    };
+    let emb = g.embed("A pack of roses", "").unwrap();
+    let img = g.generate(&emb, &p, &mut |_, _| {}).unwrap().pixels;
+    assert!(img.iter().all(|v| v.is_finite()));
+}

@@ -4,8 +4,9 @@
 //! cross-attention K/V weights found by graph structure
 //! ([`cross_attention`], named from `config.json` by [`module_paths`]);
 //! patched copies ([`patch`]), the split of the text projections
-//! ([`split`]), weights fingerprints ([`fingerprint`]) and what `inspect`
-//! prints ([`summary`]). Nothing here runs a model.
+//! ([`split`]), weights fingerprints ([`fingerprint`]), float16 models
+//! widened to float32 ([`upcast`]) and what `inspect` prints ([`summary`]).
+//! Nothing here runs a model.
 
 pub mod cross_attention;
 mod dtype;
@@ -16,6 +17,7 @@ pub mod patch;
 pub mod proto;
 pub mod split;
 pub mod summary;
+pub mod upcast;
 mod wire;
 
 pub use dtype::DataType;

@@ -65,6 +65,9 @@ pub struct ModelDir {
     /// Channels of the VAE decoder's widest full-resolution layer
     /// (`block_out_channels[1]`, 256 for SD), for the memory check.
     pub vae_decoder_channels: usize,
+    /// The VAE config's `force_upcast` (absent: diffusers' default, true):
+    /// SDXL's pipeline then decodes a float16 VAE in float32.
+    pub vae_force_upcast: bool,
     /// Latent side the UNet was trained at (`unet/config.json` `sample_size`), when known.
     pub unet_sample_size: Option<usize>,
     /// The guidance embedding's width of an LCM-distilled UNet
@@ -82,6 +85,9 @@ pub struct ModelDir {
 struct VaeConfig {
     scaling_factor: Option<f32>,
     block_out_channels: Option<Vec<usize>>,
+    /// Decode in float32 whatever the stored precision (diffusers'
+    /// `AutoencoderKL` default: true).
+    force_upcast: Option<bool>,
     /// Per-channel latent statistics some VAEs declare (decoding then
     /// un-normalises with them); not implemented, so refused when set.
     latents_mean: Option<serde_json::Value>,
@@ -164,6 +170,7 @@ impl ModelDir {
             .as_ref()
             .and_then(|v| v.block_out_channels.as_ref())
             .map_or(8, |b| 1 << b.len().saturating_sub(1));
+        let vae_force_upcast = vae.as_ref().and_then(|v| v.force_upcast).unwrap_or(true);
         let vae_decoder_channels = vae
             .as_ref()
             .and_then(|v| v.block_out_channels.as_ref())
@@ -207,6 +214,7 @@ impl ModelDir {
             vae_scaling_factor,
             vae_factor,
             vae_decoder_channels,
+            vae_force_upcast,
             unet_sample_size,
             unet_time_cond_dim,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use ndarray::{Array4, ArrayView4, Axis};
 
+use crate::onnx::Model;
+use crate::onnx::upcast::{takes_fp16, to_float32};
 use crate::runtime::{Runtime, Session, SessionError, SessionOptions};
 
 /// A loaded VAE decoder and its port names (`latent_sample` → `sample` in
@@ -15,9 +17,26 @@ pub struct VaeDecoder {
 }
 
 impl VaeDecoder {
-    /// Opens the decoder.
-    pub fn open(rt: &Runtime, path: &Path, opts: SessionOptions) -> Result<Self, SessionError> {
-        let session = rt.open(path, opts)?;
+    /// Opens the decoder; a float16 one in float32 when `upcast` (SDXL's
+    /// VAE, whose float16 activations overflow: diffusers' SDXL pipeline
+    /// decodes in float32 when the VAE config says `force_upcast`).
+    pub fn open(
+        rt: &Runtime,
+        path: &Path,
+        opts: SessionOptions,
+        upcast: bool,
+    ) -> Result<Self, SessionError> {
+        let session = match Model::open(path) {
+            Ok(model) if upcast && takes_fp16(&model) => {
+                let wide = to_float32(&model).map_err(|e| SessionError::Interface {
+                    path: path.to_path_buf(),
+                    why: format!("the float16 VAE decoder must run in float32: {e}"),
+                })?;
+                tracing::info!("{}: float16 VAE decoder run in float32", path.display());
+                rt.open_bytes(path, &wide, opts)?
+            }
+            _ => rt.open(path, opts)?,
+        };
         let first = |ports: &[crate::runtime::Port], what: &str| {
             ports
                 .first()
@@ -51,6 +70,13 @@ impl VaeDecoder {
             let x: Array4<f32> = x
                 .into_dimensionality()
                 .map_err(|e| self.session.interface(e.to_string()))?;
+            // NaN would become a black image without a word.
+            if x.iter().any(|v| !v.is_finite()) {
+                return Err(self.session.interface(
+                    "the VAE decoder returned NaN or infinite values (a float16 decoder that \
+                     overflows: export the VAE in float32, or set force_upcast in its config)",
+                ));
+            }
             images.push(
                 x.permuted_axes([0, 2, 3, 1])
                     .mapv(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)),

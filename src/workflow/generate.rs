@@ -730,6 +730,9 @@ impl Generator {
             Some(den) => den,
             None => {
                 let (rt, opts) = (&self.runtime, self.opts);
+                // diffusers' SDXL pipeline upcasts a float16 VAE with
+                // `force_upcast`; its SD pipeline never does.
+                let upcast = self.model.text.encoders.len() > 1 && self.model.vae_force_upcast;
                 let safety = match (&self.model.safety_checker, self.skip_safety) {
                     (Some((checker, config)), false) => {
                         Some(SafetyChecker::open(rt, checker, config, opts)?)
@@ -738,7 +741,7 @@ impl Generator {
                 };
                 Denoiser {
                     unet: Unet::open(rt, &self.unet_path, opts, streams)?,
-                    vae: VaeDecoder::open(rt, &self.model.vae_decoder, opts)?,
+                    vae: VaeDecoder::open(rt, &self.model.vae_decoder, opts, upcast)?,
                     safety,
                 }
             }
