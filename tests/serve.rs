@@ -28,6 +28,10 @@ struct Server {
 
 impl Server {
     fn start(operators: &Path, extra: &[&str]) -> Server {
+        Self::start_on(&toy(), operators, extra)
+    }
+
+    fn start_on(model: &Path, operators: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -39,7 +43,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .arg("--model")
-            .arg(toy())
+            .arg(model)
             .arg("--operators")
             .arg(operators)
             .args(extra)
@@ -163,6 +167,18 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 
 /// `generate`'s output for one image, as a file of `kind` (png or npy).
 fn generate(dir: &Path, prompt: &str, seed: u64, edit: Option<&Path>, kind: &str) -> Vec<u8> {
+    generate_on(&toy(), dir, prompt, seed, edit, kind)
+}
+
+/// [`generate`] on the model folder `model`.
+fn generate_on(
+    model: &Path,
+    dir: &Path,
+    prompt: &str,
+    seed: u64,
+    edit: Option<&Path>,
+    kind: &str,
+) -> Vec<u8> {
     let out = dir.join(format!("gen-{seed}-{}.{kind}", edit.is_some()));
     let mut cmd = Command::new(BIN);
     cmd.args([
@@ -175,7 +191,7 @@ fn generate(dir: &Path, prompt: &str, seed: u64, edit: Option<&Path>, kind: &str
         kind,
     ])
     .arg("--model")
-    .arg(toy())
+    .arg(model)
     .args(["--prompt", prompt, "--seed", &seed.to_string()])
     .args(["--steps", &STEPS.to_string()])
     .arg("-o")
@@ -322,6 +338,60 @@ fn served_images_equal_generated_ones_alone_and_batched_across_edits() {
     assert_eq!(
         server.request("GET", "/v2/models/other", &[], b"").status,
         404
+    );
+}
+
+/// An SDXL folder served: its edits are 48-wide operators over both text
+/// encoders, and requests with and without them share one batch (pooled
+/// embeddings and time ids batched beside the text), each drawing what
+/// `generate` draws.
+#[test]
+fn sdxl_requests_with_different_edits_share_a_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ops = tmp.path().join("ops");
+    let model = Path::new(ROOT).join("tests/fixtures/sdxl-tiny/optimum");
+    let server = Server::start_on(
+        &model,
+        &ops,
+        &["--max-batch", "3", "--batch-wait-ms", "300"],
+    );
+    let blue = edit(&server, "A pack of roses", "A pack of blue roses");
+    let cases: Vec<(u64, Option<&str>)> = vec![(0, Some(&blue)), (1, None), (2, Some(&blue))];
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(seed, id)| {
+                let edits: Vec<&str> = id.iter().copied().collect();
+                let body = image("A pack of roses", *seed, &edits, "npy");
+                let server = &server;
+                s.spawn(move || server.json("/v1/images", &body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((seed, id), reply) in cases.iter().zip(&replies) {
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let op = id.map(|id| ops.join(format!("{id}.safetensors")));
+        let want = generate_on(
+            &model,
+            tmp.path(),
+            "A pack of roses",
+            *seed,
+            op.as_deref(),
+            "npy",
+        );
+        let d = max_diff(&npy_values(&reply.body), &npy_values(&want));
+        assert!(d <= 1e-5, "seed {seed}: {d}");
+    }
+    let metrics = String::from_utf8(server.request("GET", "/metrics", &[], b"").body).unwrap();
+    assert!(
+        metrics.contains("time_onnx_batches_total{size=\"3\"}"),
+        "the three requests were not one batch:\n{metrics}"
     );
 }
 

@@ -390,6 +390,49 @@ mod tests {
     }
 
     #[test]
+    fn lcm_keys_are_checked_and_its_spacing_does_not_matter() {
+        let mut c = SchedulerConfig::from_json_str(SD1).unwrap();
+        c.thresholding = Some(true);
+        assert!(matches!(
+            build(&c, SchedulerKind::Lcm, 4, 0.0),
+            Err(SchedulerError::Unsupported {
+                key: "thresholding",
+                ..
+            })
+        ));
+        c.thresholding = None;
+        c.timestep_scaling = Some(f64::NAN);
+        assert!(matches!(
+            build(&c, SchedulerKind::Lcm, 4, 0.0),
+            Err(SchedulerError::InvalidValue {
+                key: "timestep_scaling",
+                ..
+            })
+        ));
+        c.timestep_scaling = None;
+        c.original_inference_steps = Some(2000);
+        assert!(matches!(
+            build(&c, SchedulerKind::Lcm, 4, 0.0),
+            Err(SchedulerError::InvalidValue {
+                key: "original_inference_steps",
+                ..
+            })
+        ));
+        c.original_inference_steps = Some(8);
+        let e = build(&c, SchedulerKind::Lcm, 9, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most original_inference_steps (8)"), "{e}");
+        // diffusers' LCMScheduler ignores timestep_spacing and steps_offset
+        let a = build(&c, SchedulerKind::Lcm, 4, 0.0).unwrap();
+        c.timestep_spacing = Some("trailing".into());
+        c.steps_offset = Some(7);
+        let b = build(&c, SchedulerKind::Lcm, 4, 0.0).unwrap();
+        assert_eq!(a.timesteps(), b.timesteps());
+        assert!(SchedulerKind::Lcm.draws_noise());
+    }
+
+    #[test]
     fn calls_must_come_in_order_with_matching_shapes() {
         let c = SchedulerConfig::from_json_str(SD1).unwrap();
         let mut s = build(&c, SchedulerKind::Lms, 4, 0.0).unwrap();
