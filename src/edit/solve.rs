@@ -265,7 +265,7 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
         // factors would save nothing, and forming Σ c (c* − c)ᵀ `[d, d]`
         // once costs a quarter of B = M⁻¹·C and its QR.
         let m = system(&c, lambda, preserve);
-        let mut at = solve_spd(&m, &moved_c.t().dot(&shift), lambda)?;
+        let mut at = solve_spd(&m, &blocked_product(moved_c.view(), shift.view()), lambda)?;
         at.diag_mut().mapv_inplace(|x| x + 1.0);
         return Ok(Operator {
             repr: Repr::Dense(at),
@@ -472,9 +472,90 @@ fn lapack_on_one_thread() {
 /// λI + xᵀ·x `[m, m] f64` for x `[n, m] f64`: with the rows c as x this is
 /// M = λI + Σ c cᵀ.
 fn regularized_gram(x: ArrayView2<'_, f64>, lambda: f64) -> Array2<f64> {
-    let mut gram = x.t().dot(&x);
+    let mut gram = blocked_gram(x);
     gram.diag_mut().mapv_inplace(|v| v + lambda);
     gram
+}
+
+/// Output columns per block of [`blocked_product`] and [`blocked_gram`].
+const BLOCK: usize = 128;
+
+/// aᵀ·b `[m, k] f64` for a `[n, m]`, b `[n, k]`, as one product per block
+/// of [`BLOCK`] output columns, the blocks dealt out to one thread per core.
+///
+/// OpenBLAS runs on one thread here (see [`lapack_on_one_thread`]), so the
+/// many-row products of many edits solved together (Σ c(c* − c)ᵀ over ~6,000
+/// positions for 20 edits) would use one core. Each output element is one
+/// block's product whatever the number of threads, so the result does not
+/// depend on the machine's core count.
+fn blocked_product(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> Array2<f64> {
+    let blocks: Vec<(usize, usize)> = (0..b.ncols().div_ceil(BLOCK)).map(|j| (0, j)).collect();
+    let mut out = Array2::zeros((a.ncols(), b.ncols()));
+    for ((_, j), part) in in_parallel(&blocks, |_, j| a.t().dot(&column_block(b, j))) {
+        out.slice_mut(ndarray::s![.., j * BLOCK..j * BLOCK + part.ncols()])
+            .assign(&part);
+    }
+    out
+}
+
+/// xᵀ·x `[m, m] f64` for x `[n, m]`: the blocks on and above the diagonal,
+/// each one product, mirrored below (symmetric: ~(b + 1)/2b of the work
+/// for b blocks), computed as [`blocked_product`] computes its blocks.
+fn blocked_gram(x: ArrayView2<'_, f64>) -> Array2<f64> {
+    let b = x.ncols().div_ceil(BLOCK);
+    let blocks: Vec<(usize, usize)> = (0..b).flat_map(|i| (i..b).map(move |j| (i, j))).collect();
+    let mut out = Array2::zeros((x.ncols(), x.ncols()));
+    for ((i, j), part) in in_parallel(&blocks, |i, j| {
+        column_block(x, i).t().dot(&column_block(x, j))
+    }) {
+        let (rows, cols) = (
+            i * BLOCK..i * BLOCK + part.nrows(),
+            j * BLOCK..j * BLOCK + part.ncols(),
+        );
+        out.slice_mut(ndarray::s![rows.clone(), cols.clone()])
+            .assign(&part);
+        if i != j {
+            out.slice_mut(ndarray::s![cols, rows]).assign(&part.t());
+        }
+    }
+    out
+}
+
+/// Columns j·[`BLOCK`] … of x.
+fn column_block(x: ArrayView2<'_, f64>, j: usize) -> ArrayView2<'_, f64> {
+    let end = ((j + 1) * BLOCK).min(x.ncols());
+    x.slice_move(ndarray::s![.., j * BLOCK..end])
+}
+
+/// `f(i, j)` for every block (i, j), on one thread per core, blocks dealt
+/// out in turn; the results with their blocks, in any order.
+fn in_parallel<F>(blocks: &[(usize, usize)], f: F) -> Vec<((usize, usize), Array2<f64>)>
+where
+    F: Fn(usize, usize) -> Array2<f64> + Sync,
+{
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, blocks.len().max(1));
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                s.spawn(move || {
+                    blocks
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|&(i, j)| ((i, j), f(i, j)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            // A panic in a product is a bug: passed on as it is.
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// X = M⁻¹·B `[d, k] f64` for symmetric positive definite M `[d, d] f64`:
@@ -550,6 +631,19 @@ mod tests {
 
     fn max_abs_diff(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
         (a - b).iter().fold(0.0, |m, x| m.max(x.abs()))
+    }
+
+    #[test]
+    fn blocked_products_equal_the_plain_ones() {
+        // widths that are not multiples of the block, one below it
+        for (n, m, k) in [(300, 200, 131), (7, 90, 5), (1, 257, 256)] {
+            let a = Array2::from_shape_fn((n, m), |(i, j)| ((i * 31 + j * 17) % 13) as f64 - 6.0);
+            let b = Array2::from_shape_fn((n, k), |(i, j)| ((i * 7 + j * 5) % 11) as f64 / 3.0);
+            assert!(max_abs_diff(&blocked_product(a.view(), b.view()), &a.t().dot(&b)) < 1e-9);
+            let g = blocked_gram(a.view());
+            assert!(max_abs_diff(&g, &a.t().dot(&a)) < 1e-9);
+            assert_eq!(g, g.t(), "symmetric exactly");
+        }
     }
 
     /// The reference's formula, literally: W' = (λW + Σ (W c*) cᵀ)(λI + Σ c cᵀ)⁻¹.
