@@ -7,9 +7,12 @@ use clap::Args;
 use std::io::{IsTerminal, Write};
 use time_onnx::edit::{DEFAULT_AUGMENTATIONS, Targets};
 
-use time_onnx::edit::record::PromptPair;
+use time_onnx::edit::record::{DebiasRecord, PromptPair};
+use time_onnx::eval::ClassifierSpec;
 use time_onnx::eval::dataset::{read_edit_pairs, read_prompts};
 use time_onnx::onnx::summary::human_bytes;
+use time_onnx::runtime::{Device, SessionOptions};
+use time_onnx::workflow::debias::{self as debias_flow, DebiasRequest, Drawing};
 use time_onnx::workflow::edit::{self, EditReport, EditRequest, Preserve, Progress};
 
 use super::finite;
@@ -77,6 +80,43 @@ pub struct EditArgs {
     /// Do everything but write: print what would change.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    debias: DebiasArgs,
+}
+
+/// `--debias` and its measuring flags.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Debiasing (UCE's debias loop)")]
+struct DebiasArgs {
+    /// Debias --src (a concept, e.g. "a doctor") towards a mix of --attribute prompts, measured by
+    /// --judge on images drawn after each round, until every share is within --tolerance.
+    #[arg(long, requires_all = ["src", "attributes", "judge"], conflicts_with_all = ["dst", "edits", "erase"])]
+    debias: bool,
+    /// An attribute prompt (repeatable), e.g. "a male doctor", "a female doctor".
+    #[arg(long = "attribute", value_name = "TEXT", requires = "debias")]
+    attributes: Vec<String>,
+    /// The wanted share of each attribute, in order (repeatable; default: equal shares).
+    #[arg(long = "share", value_name = "X", requires = "debias", value_parser = finite)]
+    shares: Vec<f64>,
+    /// Who says which attribute an image shows: "toy" (the toy world's rules) or clip:<DIR> (an
+    /// ONNX CLIP export).
+    #[arg(long, requires = "debias")]
+    judge: Option<ClassifierSpec>,
+    /// Images drawn and judged per round (seeds from 2^40 on, never the small ones).
+    #[arg(long, default_value_t = 32, requires = "debias")]
+    judge_images: usize,
+    /// Denoising steps of the judged images.
+    #[arg(long, default_value_t = 25, requires = "debias")]
+    judge_steps: usize,
+    /// Stop when every share is within this of the wanted one (UCE's 0.05).
+    #[arg(long, default_value_t = 0.05, requires = "debias", value_parser = finite)]
+    tolerance: f64,
+    /// Rounds at most (UCE's 30).
+    #[arg(long, default_value_t = 30, requires = "debias")]
+    max_rounds: usize,
+    /// How far each round moves the weights per unit of share missed (UCE's 0.1).
+    #[arg(long, default_value_t = 0.1, requires = "debias", value_parser = finite)]
+    debias_step: f64,
 }
 
 pub fn run(args: EditArgs) -> anyhow::Result<()> {
@@ -99,6 +139,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         save_weights,
         save_operator,
         dry_run,
+        debias,
     } = args;
     let model_dir = match (&model, &unet) {
         (Some(m), _) => m.clone(),
@@ -122,8 +163,9 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         output: if dry_run { None } else { output },
         save_operator: if dry_run { None } else { save_operator },
         text,
-        edits: edit_pairs(src, dst, edits.as_deref(), erase)?,
+        edits: edit_pairs(src, dst, edits.as_deref(), erase, debias.debias)?,
         erase,
+        debias: None,
         preserve: match (preserve, prior) {
             (Some(path), _) => Preserve::Prompts(
                 read_prompts(&path).with_context(|| format!("--preserve {}", path.display()))?,
@@ -141,6 +183,9 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         },
         save_weights,
     };
+    if debias.debias {
+        return run_debias(req, debias, &model_dir, dry_run);
+    }
     let what = unet.as_ref().map_or_else(
         || "the edit operator".to_string(),
         |u| u.display().to_string(),
@@ -172,12 +217,94 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `edit --debias`: the loop, a line per round, then the edit.
+fn run_debias(
+    edit: EditRequest,
+    args: DebiasArgs,
+    model: &Path,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let DebiasArgs {
+        debias: _,
+        attributes,
+        shares,
+        judge,
+        judge_images,
+        judge_steps,
+        tolerance,
+        max_rounds,
+        debias_step,
+    } = args;
+    let n = attributes.len();
+    let wanted = if shares.is_empty() {
+        vec![1.0 / n as f64; n]
+    } else if shares.len() == n {
+        shares
+    } else {
+        bail!(
+            "give one --share per --attribute ({n} attributes, {} shares)",
+            shares.len()
+        );
+    };
+    let req = DebiasRequest {
+        edit: EditRequest {
+            debias: Some(DebiasRecord {
+                attributes: attributes.clone(),
+                wanted,
+                weights: vec![0.0; n],
+            }),
+            ..edit
+        },
+        model: model.to_path_buf(),
+        judge: judge.context("--debias needs --judge")?,
+        images: judge_images,
+        tolerance,
+        max_rounds,
+        step: debias_step,
+        drawing: Drawing {
+            steps: judge_steps,
+            guidance: None,
+            scheduler: None,
+        },
+        session: SessionOptions {
+            device: Device::Auto,
+            ..SessionOptions::default()
+        },
+    };
+    let mut round = 0;
+    let report = debias_flow::run(&req, &mut |r| {
+        round += 1;
+        let mix: Vec<String> = attributes
+            .iter()
+            .zip(&r.shares)
+            .map(|(a, s)| format!("{a:?} {:.0}%", s * 100.0))
+            .collect();
+        let weights: Vec<String> = r.weights.iter().map(|w| format!("{w:+.3}")).collect();
+        eprintln!(
+            "round {round}: {} ({} images; weights {})",
+            mix.join(", "),
+            r.seeds.end - r.seeds.start,
+            weights.join(" ")
+        );
+    })
+    .with_context(|| format!("debiasing {:?}", req.edit.edits[0].source))?;
+    if !report.converged {
+        eprintln!(
+            "warning: not within {tolerance} of the wanted shares after {max_rounds} rounds; the \
+             edit uses the last round's weights"
+        );
+    }
+    print_report(&report.edit, dry_run, req.edit.save_operator.as_deref());
+    Ok(())
+}
+
 /// The pairs to solve: `--src`/`--dst`, or every row of `--edits`.
 fn edit_pairs(
     src: Option<String>,
     dst: Option<String>,
     edits: Option<&Path>,
     erase: bool,
+    debias: bool,
 ) -> anyhow::Result<Vec<PromptPair>> {
     match (src, dst, edits) {
         (_, _, Some(path)) => {
@@ -187,7 +314,7 @@ fn edit_pairs(
             source,
             destination,
         }]),
-        (Some(source), None, None) if erase => Ok(vec![PromptPair {
+        (Some(source), None, None) if erase || debias => Ok(vec![PromptPair {
             source,
             destination: String::new(),
         }]),

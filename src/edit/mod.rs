@@ -22,6 +22,7 @@
 //! modules (those three and their shared `matrix_file`) do I/O.
 
 pub mod align;
+pub mod debias;
 mod matrix_file;
 pub mod operator_file;
 pub mod prior;

@@ -17,7 +17,7 @@ use super::Operator;
 use super::matrix_file::{self, Failure};
 #[cfg(doc)]
 use super::record::EditRecord;
-use super::record::{PreservationRecord, PromptPair};
+use super::record::{DebiasRecord, PreservationRecord, PromptPair};
 
 /// The metadata key holding [`OperatorMeta`] as JSON.
 const META_KEY: &str = "time_onnx.operator";
@@ -39,6 +39,9 @@ pub struct OperatorMeta {
     /// contain the source's words) rather than TIME's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub erase: bool,
+    /// A debias edit's attributes and weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debias: Option<DebiasRecord>,
     /// λ.
     pub lambda: f64,
     /// Augmentation prefixes used.

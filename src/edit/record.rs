@@ -27,6 +27,19 @@ pub struct PreservationRecord {
     pub scale: f64,
 }
 
+/// A debias edit: the concept (the edit's source) moved towards these
+/// attributes with these weights, found by measuring the mix (see
+/// [`crate::edit::debias`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DebiasRecord {
+    /// The attribute prompts.
+    pub attributes: Vec<String>,
+    /// The mix asked for, one share per attribute.
+    pub wanted: Vec<f64>,
+    /// The weights wⱼ of c* = c + Σ wⱼ (‖c‖/‖aⱼ‖) aⱼ.
+    pub weights: Vec<f64>,
+}
+
 /// One edit, as recorded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EditRecord {
@@ -46,6 +59,9 @@ pub struct EditRecord {
     /// contain the source's words) rather than TIME's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub erase: bool,
+    /// A debias edit's attributes and weights (its destination is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debias: Option<DebiasRecord>,
     /// λ.
     pub lambda: f64,
     /// Whether keys were edited along with values.

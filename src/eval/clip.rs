@@ -57,11 +57,25 @@ impl Clip {
         a: &str,
         b: &str,
     ) -> Result<Vec<Option<Pick>>, EvalError> {
+        Ok(self
+            .closest(images, &[a, b])?
+            .into_iter()
+            .map(|k| k.map(|k| if k == 0 { Pick::A } else { Pick::B }))
+            .collect())
+    }
+
+    /// For each image `[h, w, 3] f32` in [0, 1], the index of the text of
+    /// `texts` it is closest to (`None` when the best two tie exactly).
+    pub fn closest(
+        &mut self,
+        images: &[ArrayView3<f32>],
+        texts: &[&str],
+    ) -> Result<Vec<Option<usize>>, EvalError> {
         let path = self.path.clone();
         let n_len = self.tokenizer.max_len();
-        let mut ids = Array2::<i64>::zeros((2, n_len));
-        let mut mask = Array2::<i64>::zeros((2, n_len));
-        for (row, text) in [a, b].iter().enumerate() {
+        let mut ids = Array2::<i64>::zeros((texts.len(), n_len));
+        let mut mask = Array2::<i64>::zeros((texts.len(), n_len));
+        for (row, text) in texts.iter().enumerate() {
             let unpadded = self.tokenizer.encode_truncated(text)?.len();
             for (j, t) in self.tokenizer.encode_padded(text)?.into_iter().enumerate() {
                 ids[[row, j]] = i64::from(t);
@@ -91,11 +105,24 @@ impl Clip {
         let logits = self.session.run(&inputs)?.float("logits_per_image")?;
         Ok(logits
             .outer_iter()
-            .map(|row| match row[0].partial_cmp(&row[1]) {
-                Some(std::cmp::Ordering::Greater) => Some(Pick::A),
-                Some(std::cmp::Ordering::Less) => Some(Pick::B),
-                _ => None,
-            })
+            .map(|row| argmax(row.iter().copied()))
             .collect())
     }
+}
+
+/// The index of the largest value; `None` when it is not unique (or NaN).
+fn argmax(values: impl Iterator<Item = f32>) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    let mut tied = false;
+    for (k, v) in values.enumerate() {
+        match best {
+            Some((_, b)) if v == b => tied = true,
+            Some((_, b)) if v < b || v.is_nan() => {}
+            _ => {
+                best = Some((k, v));
+                tied = false;
+            }
+        }
+    }
+    best.filter(|(_, v)| !tied && !v.is_nan()).map(|(k, _)| k)
 }

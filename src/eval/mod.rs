@@ -136,6 +136,24 @@ impl Classifier {
                 .collect()),
         }
     }
+
+    /// For each image of `images: [n, h, w, 3]`, which of `prompts` it shows
+    /// (`None`: none, or no single one). CLIP takes the closest text; the toy
+    /// world the one prompt whose implied colour is the image's.
+    pub fn closest(
+        &mut self,
+        images: ArrayView4<f32>,
+        prompts: &[&str],
+    ) -> Result<Vec<Option<usize>>, EvalError> {
+        let views: Vec<ArrayView3<f32>> = images.axis_iter(Axis(0)).collect();
+        match self {
+            Self::Clip(c) => c.closest(&views, prompts),
+            Self::Toy(w) => Ok(views
+                .iter()
+                .map(|img| w.closest(&w.classify(*img), prompts))
+                .collect()),
+        }
+    }
 }
 
 /// The paper's three numbers, as shares in [0, 1].

@@ -187,6 +187,20 @@ impl World {
             _ => None,
         }
     }
+
+    /// Which of `prompts` an image matches: the one whose implied colour is
+    /// the colour seen, when exactly one is.
+    pub fn closest(&self, seen: &Seen, prompts: &[&str]) -> Option<usize> {
+        let col = seen.colour.as_deref()?;
+        let mut matching = prompts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| self.implied_colour(p).as_deref() == Some(col));
+        match (matching.next(), matching.next()) {
+            (Some((k, _)), None) => Some(k),
+            _ => None,
+        }
+    }
 }
 
 /// Per-channel median (numpy's: the mean of the two middle values for an even count).

@@ -18,7 +18,9 @@ use serde::Serialize;
 
 use crate::edit::operator_file::{self, OperatorFileError, OperatorMeta};
 use crate::edit::prior::{self, Prior, PriorFileError, PriorMeta};
-use crate::edit::record::{self, EditRecord, PreservationRecord, PromptPair, previous_records};
+use crate::edit::record::{
+    self, DebiasRecord, EditRecord, PreservationRecord, PromptPair, previous_records,
+};
 use crate::edit::weights_file::{self, WeightsFileError};
 use crate::edit::{
     self, ArticleRule, EditError, Operator, Preservation, Targets, WeightError, weights,
@@ -49,6 +51,10 @@ pub struct EditRequest {
     /// positions from each prompt's last word on are edited
     /// ([`edit::uce_positions`]).
     pub erase: bool,
+    /// UCE's debias instead of TIME's edit: the one pair's source (the
+    /// concept) moves towards these attributes with these weights
+    /// ([`edit::debias`]); the destination is ignored.
+    pub debias: Option<DebiasRecord>,
     /// What the edit must leave alone.
     pub preserve: Preserve,
     /// The preservation term's scale s ≥ 0 (UCE's `preserve_scale`).
@@ -93,6 +99,7 @@ impl EditRequest {
             }],
             lambda: edit::DEFAULT_LAMBDA,
             erase: false,
+            debias: None,
             preserve: Preserve::Nothing,
             preserve_scale: edit::DEFAULT_PRESERVE_SCALE,
             augmentations: edit::DEFAULT_AUGMENTATIONS
@@ -183,6 +190,12 @@ pub enum EditJobError {
         unet: usize,
         /// What the encoders give, e.g. "64 (32 + 32)".
         encoders: String,
+    },
+    /// A debias request that does not add up.
+    #[error("a debias edit takes {why}")]
+    BadDebias {
+        /// What is wrong.
+        why: String,
     },
     /// Values-only edits change V but not K: no map of the embeddings does that.
     #[error(
@@ -297,28 +310,38 @@ pub fn run_with_progress(
         (None, _) => prior,
     };
     let n = text.pairs.len();
-    let gathered = text.uce.as_ref().map(|positions| uce_rows(&emb, positions));
-    let (src, dst) = match &gathered {
-        Some((src, dst)) => (src.view(), dst.view()),
-        None => (emb.slice(s![..n, .., ..]), emb.slice(s![n.., .., ..])),
+    let preservation = prior.as_ref().map(|p| Preservation {
+        gram: p.gram(),
+        scale: req.preserve_scale,
+    });
+    let operator = match (&text.uce, &text.debias, &req.debias) {
+        (_, Some(positions), Some(debias)) => {
+            let (src, dst) = debias_rows(&emb, positions, &debias.weights);
+            let (src, dst) = (src.view(), dst.view());
+            edit::solve_preserving(src, dst, &text.maps, req.lambda, preservation)?
+        }
+        (Some(positions), _, _) => {
+            let (src, dst) = uce_rows(&emb, positions);
+            let (src, dst) = (src.view(), dst.view());
+            edit::solve_preserving(src, dst, &text.maps, req.lambda, preservation)?
+        }
+        _ => {
+            let (src, dst) = (emb.slice(s![..n, .., ..]), emb.slice(s![n.., .., ..]));
+            edit::solve_preserving(src, dst, &text.maps, req.lambda, preservation)?
+        }
     };
-    let operator = edit::solve_preserving(
-        src,
-        dst,
-        &text.maps,
-        req.lambda,
-        prior.as_ref().map(|p| Preservation {
-            gram: p.gram(),
-            scale: req.preserve_scale,
-        }),
-    )?;
-    let unchanged = text.pairs.iter().all(|(s, d)| s == d);
+    let unchanged = text.pairs.iter().all(|(s, d)| s == d)
+        && req
+            .debias
+            .as_ref()
+            .is_none_or(|d| d.weights.iter().all(|&w| w == 0.0));
     clock.lap("solve");
     let first = &req.edits[0];
     let record = EditRecord {
         source: first.source.clone(),
         destination: first.destination.clone(),
         erase: req.erase,
+        debias: req.debias.clone(),
         edits: if req.edits.len() > 1 {
             req.edits.clone()
         } else {
@@ -434,8 +457,10 @@ fn check(req: &EditRequest) -> Result<(), EditJobError> {
     }
     for pair in &req.edits {
         for (which, text) in [("source", &pair.source), ("destination", &pair.destination)] {
-            // An erase may name no guide: UCE then uses " ".
-            if text.trim().is_empty() && !(req.erase && which == "destination") {
+            // An erase may name no guide (UCE then uses " "), and a debias
+            // has attributes instead of a destination.
+            let free = which == "destination" && (req.erase || req.debias.is_some());
+            if text.trim().is_empty() && !free {
                 return Err(EditError::EmptyPrompt { which }.into());
             }
         }
@@ -448,6 +473,31 @@ fn check(req: &EditRequest) -> Result<(), EditJobError> {
             scale: req.preserve_scale,
         }
         .into());
+    }
+    if let Some(d) = &req.debias {
+        let n = d.attributes.len();
+        if req.edits.len() != 1
+            || req.erase
+            || n == 0
+            || d.weights.len() != n
+            || d.wanted.len() != n
+        {
+            return Err(EditJobError::BadDebias {
+                why: format!(
+                    "one concept, at least one attribute and a weight and a share per attribute \
+                     ({} concepts, {n} attributes, {} weights, {} shares{})",
+                    req.edits.len(),
+                    d.weights.len(),
+                    d.wanted.len(),
+                    if req.erase { ", erase" } else { "" }
+                ),
+            });
+        }
+        if d.weights.iter().chain(&d.wanted).any(|v| !v.is_finite()) {
+            return Err(EditJobError::BadDebias {
+                why: "weights and shares must be finite numbers".into(),
+            });
+        }
     }
     if req.save_operator.is_some() && req.targets == Targets::ValuesOnly {
         return Err(EditJobError::ValuesOnlyOperator);
@@ -488,16 +538,24 @@ struct Tokens {
     pairs: Vec<(String, String)>,
     maps: Vec<Vec<usize>>,
     ids: Vec<PromptIds>,
+    /// The text of each row of `ids`.
+    prompts: Vec<String>,
     /// The preserved prompts' ids, when the request lists prompts.
     kept: Vec<PromptIds>,
     /// Erase pairs: per pair, the source and destination positions edited.
     uce: Option<Vec<(Range<usize>, Range<usize>)>>,
+    /// Debias: per augmented concept prompt, the rows of the concept, then
+    /// of each attribute (whose ids follow the concept's, attribute-major).
+    debias: Option<Vec<Vec<Range<usize>>>>,
 }
 
 /// Tokenize and align: everything about the prompts that can fail before the
 /// text encoder runs.
 fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
     let tokenizers = Tokenizers::open(&req.text)?;
+    if let Some(debias) = &req.debias {
+        return prepare_debias(req, debias, &tokenizers);
+    }
     let tok = tokenizers.primary();
     let guide = |d: &str| match (req.erase, d.trim().is_empty()) {
         (true, true) => " ".to_owned(),
@@ -527,13 +585,16 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
             .collect::<Result<Vec<_>, _>>()?;
         (maps, None)
     };
-    let mut ids = Vec::with_capacity(2 * pairs.len());
-    for (s, _) in &pairs {
-        ids.push(tokenizers.encode_padded(s)?);
-    }
-    for (_, d) in &pairs {
-        ids.push(tokenizers.encode_padded(d)?);
-    }
+    let prompts: Vec<String> = pairs
+        .iter()
+        .map(|(s, _)| s)
+        .chain(pairs.iter().map(|(_, d)| d))
+        .cloned()
+        .collect();
+    let ids = prompts
+        .iter()
+        .map(|p| tokenizers.encode_padded(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let kept = match &req.preserve {
         Preserve::Prompts(prompts) => prompts
             .iter()
@@ -545,9 +606,94 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
         pairs,
         maps,
         ids,
+        prompts,
         kept,
         uce,
+        debias: None,
     })
+}
+
+/// A debias edit's prompts: the concept with each augmentation, then each
+/// attribute with the same ones (as UCE's script writes each template for
+/// the concept and for every attribute); each augmented concept's rows and
+/// its attributes' rows, UCE's positions.
+fn prepare_debias(
+    req: &EditRequest,
+    debias: &DebiasRecord,
+    tokenizers: &Tokenizers,
+) -> Result<Tokens, EditJobError> {
+    let variants = |p: &str| -> Vec<String> {
+        edit::prompt_pairs(p, p, &req.augmentations)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
+    };
+    let concept = variants(&req.edits[0].source);
+    let attributes: Vec<Vec<String>> = debias.attributes.iter().map(|a| variants(a)).collect();
+    let tok = tokenizers.primary();
+    let seq = tok.max_len();
+    let mut positions = Vec::with_capacity(concept.len());
+    for (k, c) in concept.iter().enumerate() {
+        let mut lens = vec![tok.encode_truncated(c)?.len()];
+        for a in &attributes {
+            lens.push(tok.encode_truncated(&a[k])?.len());
+        }
+        positions.push(edit::debias::positions(&lens, seq));
+    }
+    let prompts: Vec<String> = concept
+        .iter()
+        .chain(attributes.iter().flatten())
+        .cloned()
+        .collect();
+    let ids = prompts
+        .iter()
+        .map(|p| tokenizers.encode_padded(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kept = match &req.preserve {
+        Preserve::Prompts(prompts) => prompts
+            .iter()
+            .map(|p| tokenizers.encode_padded(p))
+            .collect::<Result<_, _>>()?,
+        _ => Vec::new(),
+    };
+    Ok(Tokens {
+        maps: vec![(0..seq).collect(); concept.len()],
+        pairs: concept.iter().map(|c| (c.clone(), c.clone())).collect(),
+        ids,
+        prompts,
+        kept,
+        uce: None,
+        debias: Some(positions),
+    })
+}
+
+/// A debias edit's rows as `[variants, seq, d] f64` source and destination
+/// arrays: each augmented concept's rows c first, their targets
+/// c + Σ wⱼ (‖c‖/‖aⱼ‖) aⱼ in the destination, zeros after (a zero row adds
+/// nothing to the sums). `emb` holds the concept variants, then each
+/// attribute's.
+fn debias_rows(
+    emb: &Array3<f32>,
+    positions: &[Vec<Range<usize>>],
+    weights: &[f64],
+) -> (Array3<f64>, Array3<f64>) {
+    let (n, (_, seq, d)) = (positions.len(), emb.dim());
+    let mut src = Array3::zeros((n, seq, d));
+    let mut dst = Array3::zeros((n, seq, d));
+    for (k, rows) in positions.iter().enumerate() {
+        let len = rows[0].len();
+        let concept = emb.slice(s![k, rows[0].clone(), ..]);
+        let attributes: Vec<_> = rows[1..]
+            .iter()
+            .enumerate()
+            .map(|(j, r)| emb.slice(s![(j + 1) * n + k, r.clone(), ..]))
+            .collect();
+        src.slice_mut(s![k, ..len, ..])
+            .assign(&concept.mapv(f64::from));
+        dst.slice_mut(s![k, ..len, ..])
+            .assign(&edit::debias::targets(concept, &attributes, weights));
+    }
+    (src, dst)
 }
 
 /// The rows an erase solves over, as `[pairs, seq, d]` source and
@@ -638,14 +784,8 @@ fn embed(
         _ => None,
     };
     drop(encoder);
-    let n = text.pairs.len();
-    for (k, row) in emb.context.axis_iter(Axis(0)).enumerate() {
+    for (row, prompt) in emb.context.axis_iter(Axis(0)).zip(&text.prompts) {
         if row.iter().any(|v| !v.is_finite()) {
-            let prompt = if k < n {
-                &text.pairs[k].0
-            } else {
-                &text.pairs[k - n].1
-            };
             return Err(EditJobError::NonFiniteEmbedding {
                 prompt: prompt.clone(),
             });
@@ -665,6 +805,7 @@ fn save_operator(
         source: record.source.clone(),
         destination: record.destination.clone(),
         erase: record.erase,
+        debias: record.debias.clone(),
         edits: record.edits.clone(),
         preservation: record.preservation.clone(),
         lambda: record.lambda,
