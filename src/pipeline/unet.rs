@@ -18,9 +18,11 @@ use std::path::Path;
 use ndarray::{Array4, ArrayD, ArrayView4, Axis, IxDyn, Slice};
 
 use super::conditioning::{TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND, TextBatch};
-use crate::onnx::Model;
 use crate::onnx::split::split_text_projections;
-use crate::runtime::{Binding, ElementType, Runtime, Session, SessionError, SessionOptions};
+use crate::onnx::{DataType, Model};
+use crate::runtime::{
+    Binding, ElementType, GraphOptimization, Runtime, Session, SessionError, SessionOptions,
+};
 
 /// The UNet's text input.
 const TEXT: &str = "encoder_hidden_states";
@@ -54,10 +56,13 @@ struct TextProjections {
 impl Unet {
     /// How many concurrent runs a batch of `rows` is split into: two halves
     /// on the CPU when both the threads and the rows split evenly (each run
-    /// gets half the threads), one run otherwise.
-    pub fn streams_for(threads: Option<usize>, on_cpu: bool, rows: usize) -> usize {
+    /// gets half the threads), one run otherwise, and one for a UNet that
+    /// stores float16 weights (`half`): ONNX Runtime folds its casts to
+    /// float32 at load on the session's threads, and one thread took 67 s
+    /// where two took 44 s for SDXL's, for steps no faster in halves.
+    pub fn streams_for(threads: Option<usize>, on_cpu: bool, rows: usize, half: bool) -> usize {
         let threads = threads.unwrap_or_else(available_threads);
-        if on_cpu && threads >= 2 && threads.is_multiple_of(2) && rows.is_multiple_of(2) {
+        if on_cpu && !half && threads >= 2 && threads.is_multiple_of(2) && rows.is_multiple_of(2) {
             2
         } else {
             1
@@ -76,7 +81,16 @@ impl Unet {
         if streams > 1 {
             opts.threads = Some(opts.threads.unwrap_or_else(available_threads) / streams);
         }
-        let (session, projections) = open_split(rt, path, opts)?;
+        let model = Model::open(path);
+        if rt.on_cpu(opts) && model.as_ref().is_ok_and(stores_fp16) {
+            // ONNX Runtime's CPU provider computes a float16 UNet through
+            // casts to float32. Below its "all" level they are not folded:
+            // every call casts every weight again (SDXL's at 256×256: 17 s a
+            // call, memory past 17 GB and growing); at "all" they are cast
+            // once at load (44 s, 13 GB) and a call takes 3.4 s.
+            opts.optimization = GraphOptimization::All;
+        }
+        let (session, projections) = open_split(rt, path, model, opts)?;
         let role = "the UNet";
         session.tensor_input("sample", role)?;
         let timestep = session.tensor_input("timestep", role)?;
@@ -250,9 +264,10 @@ impl Unet {
 fn open_split(
     rt: &Runtime,
     path: &Path,
+    model: Result<Model, crate::onnx::OnnxError>,
     opts: SessionOptions,
 ) -> Result<(Session, Option<TextProjections>), SessionError> {
-    let split = Model::open(path)
+    let split = model
         .map_err(|e| e.to_string())
         .and_then(|m| split_text_projections(&m).map_err(|e| e.to_string()))
         .and_then(|split| {
@@ -278,6 +293,15 @@ fn open_split(
             Ok((session, None))
         }
     }
+}
+
+/// Whether the model keeps float16 weights (any float16 initializer).
+pub fn stores_fp16(model: &Model) -> bool {
+    model.graph().is_ok_and(|g| {
+        g.initializer
+            .iter()
+            .any(|t| DataType::from_i32(t.data_type) == DataType::Float16)
+    })
 }
 
 /// ORT-optimized UNets use contrib ops (packed K/V attention, NhwcConv,
@@ -306,12 +330,21 @@ mod tests {
 
     #[test]
     fn batches_split_in_two_only_on_the_cpu_with_even_threads_and_rows() {
-        assert_eq!(Unet::streams_for(Some(2), true, 2), 2);
-        assert_eq!(Unet::streams_for(Some(4), true, 6), 2);
-        assert_eq!(Unet::streams_for(Some(2), true, 1), 1, "one unguided image");
-        assert_eq!(Unet::streams_for(Some(2), true, 3), 1, "odd rows");
-        assert_eq!(Unet::streams_for(Some(3), true, 2), 1, "odd threads");
-        assert_eq!(Unet::streams_for(Some(1), true, 2), 1, "one thread");
-        assert_eq!(Unet::streams_for(Some(2), false, 2), 1, "CUDA");
+        assert_eq!(Unet::streams_for(Some(2), true, 2, false), 2);
+        assert_eq!(Unet::streams_for(Some(4), true, 6, false), 2);
+        assert_eq!(
+            Unet::streams_for(Some(2), true, 1, false),
+            1,
+            "one unguided image"
+        );
+        assert_eq!(Unet::streams_for(Some(2), true, 3, false), 1, "odd rows");
+        assert_eq!(Unet::streams_for(Some(3), true, 2, false), 1, "odd threads");
+        assert_eq!(Unet::streams_for(Some(1), true, 2, false), 1, "one thread");
+        assert_eq!(Unet::streams_for(Some(2), false, 2, false), 1, "CUDA");
+        assert_eq!(
+            Unet::streams_for(Some(2), true, 2, true),
+            1,
+            "float16 weights"
+        );
     }
 }

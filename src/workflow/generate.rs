@@ -26,7 +26,7 @@ use crate::pipeline::model::{ModelDir, ModelDirError};
 use crate::pipeline::rng::Rng;
 use crate::pipeline::safety::SafetyChecker;
 use crate::pipeline::schedulers::{self, SchedulerConfig, SchedulerError, SchedulerKind};
-use crate::pipeline::unet::Unet;
+use crate::pipeline::unet::{Unet, stores_fp16};
 use crate::pipeline::vae::VaeDecoder;
 use crate::runtime::{Runtime, SessionError, SessionOptions};
 use crate::text::encoder::{Embedded, TextEncoders};
@@ -219,6 +219,8 @@ pub struct Generator {
     unet_latent_size: Option<(usize, usize)>,
     /// What the UNet reads besides the sample, timestep and text.
     unet_inputs: UnetInputs,
+    /// Whether the UNet stores float16 weights (see [`Unet::streams_for`]).
+    unet_fp16: bool,
     text_encoder: Option<TextEncoders>,
     denoiser: Option<Denoiser>,
     scheduler_config: SchedulerConfig,
@@ -246,6 +248,7 @@ impl Generator {
             .input_dims("sample")
             .and_then(|d| Some((d.get(2).copied()??, d.get(3).copied()??)));
         let unet_inputs = UnetInputs::of(&unet_model);
+        let unet_fp16 = stores_fp16(&unet_model);
         let conditioning = |source| GenerateError::Conditioning {
             unet: unet_path.clone(),
             source,
@@ -264,6 +267,7 @@ impl Generator {
             tokenizers: Tokenizers::open(&model.text)?,
             unet_latent_size,
             unet_inputs,
+            unet_fp16,
             text_encoder: None,
             denoiser: None,
             scheduler_config: SchedulerConfig::from_file(&model.scheduler_config)?,
@@ -715,7 +719,7 @@ impl Generator {
     /// The sessions that turn embeddings into images, for batches of `rows`.
     fn denoiser(&mut self, rows: usize) -> Result<&mut Denoiser, GenerateError> {
         let on_cpu = self.runtime.on_cpu(self.opts);
-        let streams = Unet::streams_for(self.opts.threads, on_cpu, rows);
+        let streams = Unet::streams_for(self.opts.threads, on_cpu, rows, self.unet_fp16);
         if self
             .denoiser
             .as_ref()
