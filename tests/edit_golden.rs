@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{FIXTURES, edit_request};
+use common::{FIXTURES, edit_request, relative_error};
 use serde_json::Value;
 use time_onnx::edit::Targets;
 use time_onnx::edit::record::PromptPair;
@@ -172,12 +172,7 @@ fn compare(
             .get(&ours_key)
             .unwrap_or_else(|| panic!("{flavour}/{name}: no {ours_key}"));
         assert_eq!(got_shape, shape, "{flavour}/{name}: {key}");
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let err = got
-            .iter()
-            .zip(want)
-            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
+        let err = relative_error(got, want);
         worst = worst.max(err);
         assert!(
             err <= tol,
@@ -294,13 +289,7 @@ fn prior_matches_the_formula() {
     prior_flow::run(&req).unwrap();
     let (prior, meta) = time_onnx::edit::prior::load(&req.output).unwrap();
     assert_eq!(meta.prompts, prompts.len());
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let err = prior
-        .gram()
-        .iter()
-        .zip(&want)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale;
+    let err = relative_error(prior.gram().iter(), &want);
     assert!(err <= 1e-5, "prior off by {err:.2e} of its max");
 }
 

@@ -393,3 +393,256 @@ fn generation_goldens_schedules() {
         assert_eq!(s.timesteps(), expected.as_slice(), "{}", run["name"]);
     }
 }
+
+/// Every key of `scheduler_config.json` that `SchedulerConfig` reads either
+/// changes the numbers (timesteps, σ, initial noise scale or a step's
+/// output, from fixed model outputs and noise) or is refused by name.
+#[test]
+fn every_config_key_changes_the_numbers_or_is_refused_by_name() {
+    use SchedulerKind::*;
+    let linear_betas: Vec<f64> = (0..1000).map(|i| 1e-4 + i as f64 * 2e-5).collect();
+    let linear_betas = serde_json::to_string(&linear_betas).unwrap();
+    // (class, a context both runs share, the key's value, refused by name)
+    let cases: Vec<(SchedulerKind, &str, String, Option<&str>)> = vec![
+        (Euler, "", r#""num_train_timesteps": 500"#.into(), None),
+        (Euler, "", r#""beta_start": 0.001"#.into(), None),
+        (Euler, "", r#""beta_end": 0.02"#.into(), None),
+        (
+            Euler,
+            "",
+            r#""beta_schedule": "squaredcos_cap_v2""#.into(),
+            None,
+        ),
+        (
+            Euler,
+            "",
+            format!(r#""trained_betas": {linear_betas}"#),
+            None,
+        ),
+        (
+            Euler,
+            "",
+            r#""prediction_type": "v_prediction""#.into(),
+            None,
+        ),
+        (Euler, "", r#""timestep_spacing": "trailing""#.into(), None),
+        (Ddim, "", r#""steps_offset": 5"#.into(), None),
+        (Ddim, "", r#""rescale_betas_zero_snr": true"#.into(), None),
+        (Ddim, "", r#""set_alpha_to_one": true"#.into(), None),
+        (
+            Pndm,
+            "",
+            r#""skip_prk_steps": false"#.into(),
+            Some("skip_prk_steps"),
+        ),
+        (Ddim, "", r#""clip_sample": true"#.into(), None),
+        (
+            Ddim,
+            "",
+            r#""clip_sample": true, "clip_sample_range": 0.5"#.into(),
+            None,
+        ),
+        (
+            Ddim,
+            "",
+            r#""thresholding": true"#.into(),
+            Some("thresholding"),
+        ),
+        (
+            Euler,
+            "",
+            r#""interpolation_type": "log_linear""#.into(),
+            None,
+        ),
+        (
+            Euler,
+            "",
+            r#""timestep_type": "continuous", "prediction_type": "v_prediction""#.into(),
+            None,
+        ),
+        (
+            Euler,
+            "",
+            r#""use_karras_sigmas": true"#.into(),
+            Some("use_karras_sigmas"),
+        ),
+        (
+            Euler,
+            "",
+            r#""use_exponential_sigmas": true"#.into(),
+            Some("use_exponential_sigmas"),
+        ),
+        (
+            Euler,
+            "",
+            r#""use_beta_sigmas": true"#.into(),
+            Some("use_beta_sigmas"),
+        ),
+        (
+            Euler,
+            "",
+            r#""final_sigmas_type": "sigma_min""#.into(),
+            None,
+        ),
+        (DpmSolverMultistep, "", r#""solver_order": 1"#.into(), None),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""algorithm_type": "dpmsolver""#.into(),
+            Some("algorithm_type"),
+        ),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""solver_type": "heun""#.into(),
+            None,
+        ),
+        (
+            DpmSolverMultistep,
+            r#""solver_order": 3"#,
+            r#""lower_order_final": false"#.into(),
+            None,
+        ),
+        (
+            DpmSolverMultistep,
+            r#""final_sigmas_type": "sigma_min", "lower_order_final": false"#,
+            r#""euler_at_final": true"#.into(),
+            None,
+        ),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""lambda_min_clipped": -2.0"#.into(),
+            None,
+        ),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""variance_type": "learned_range""#.into(),
+            Some("variance_type"),
+        ),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""use_lu_lambdas": true"#.into(),
+            Some("use_lu_lambdas"),
+        ),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""use_flow_sigmas": true"#.into(),
+            Some("use_flow_sigmas"),
+        ),
+        (
+            DpmSolverMultistep,
+            "",
+            r#""use_dynamic_shifting": true"#.into(),
+            Some("use_dynamic_shifting"),
+        ),
+        (Lcm, "", r#""original_inference_steps": 20"#.into(), None),
+        (Lcm, "", r#""timestep_scaling": 0.01"#.into(), None),
+        (
+            Lcm,
+            "",
+            r#""thresholding": true"#.into(),
+            Some("thresholding"),
+        ),
+    ];
+    let base = r#""beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "skip_prk_steps": true, "steps_offset": 1, "set_alpha_to_one": false, "clip_sample": false"#;
+    let numbers = |kind: SchedulerKind, extra: &str| -> Result<Vec<f64>, String> {
+        let text = format!(
+            "{{{base}{}{extra}}}",
+            if extra.is_empty() { "" } else { ", " }
+        );
+        // later keys win in serde_json: the case's value replaces the base's
+        let config = SchedulerConfig::from_json_str(&text).map_err(|e| e.to_string())?;
+        let steps = 4;
+        let mut s = build(&config, kind, steps, 0.0).map_err(|e| e.to_string())?;
+        let mut out: Vec<f64> = s.timesteps().to_vec();
+        out.extend(s.sigmas().unwrap_or_default());
+        out.push(s.init_noise_sigma());
+        let shape = [1usize, 1, 2, 2];
+        let mut x = ArrayD::from_shape_vec(shape.to_vec(), vec![3.0f32, -2.0, 0.5, 1.5]).unwrap();
+        let eps = ArrayD::from_shape_vec(shape.to_vec(), vec![0.3f32, -0.7, 1.1, 0.2]).unwrap();
+        let z = ArrayD::from_shape_vec(shape.to_vec(), vec![-0.4f32, 0.9, 0.1, -1.2]).unwrap();
+        for call in 0..s.timesteps().len() {
+            let input = s
+                .scale_model_input(x.view(), call)
+                .map_err(|e| e.to_string())?;
+            out.extend(input.iter().map(|&v| f64::from(v)));
+            // a different model output at every call, as a UNet gives:
+            // multistep schedulers' corrections vanish on constant outputs
+            let eps = eps.mapv(|v| v * (1.0 + 0.3 * call as f32));
+            x = s
+                .step(eps.view(), call, x.view(), &mut |_| z.clone())
+                .map_err(|e| e.to_string())?;
+            out.extend(x.iter().map(|&v| f64::from(v)));
+        }
+        Ok(out)
+    };
+    for (kind, context, extra, refused) in &cases {
+        let plain = numbers(*kind, context).unwrap();
+        let with = if context.is_empty() {
+            extra.clone()
+        } else {
+            format!("{context}, {extra}")
+        };
+        match (numbers(*kind, &with), refused) {
+            (Err(e), Some(key)) => assert!(e.contains(key), "{kind} {extra}: {e}"),
+            (Ok(_), Some(key)) => panic!("{kind} {extra}: accepted, expected {key} refused"),
+            (Err(e), None) => panic!("{kind} {extra}: {e}"),
+            (Ok(changed), None) => assert_ne!(changed, plain, "{kind} {extra}: nothing changed"),
+        }
+    }
+    // every key SchedulerConfig reads appears in a case (or is the class name)
+    let read = [
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "timestep_spacing",
+        "steps_offset",
+        "rescale_betas_zero_snr",
+        "set_alpha_to_one",
+        "skip_prk_steps",
+        "clip_sample",
+        "clip_sample_range",
+        "thresholding",
+        "interpolation_type",
+        "timestep_type",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "final_sigmas_type",
+        "solver_order",
+        "algorithm_type",
+        "solver_type",
+        "lower_order_final",
+        "euler_at_final",
+        "lambda_min_clipped",
+        "variance_type",
+        "use_lu_lambdas",
+        "use_flow_sigmas",
+        "use_dynamic_shifting",
+        "original_inference_steps",
+        "timestep_scaling",
+    ];
+    for key in read {
+        assert!(
+            cases
+                .iter()
+                .any(|(_, _, e, _)| e.contains(&format!("\"{key}\""))),
+            "{key} has no case"
+        );
+    }
+    let declared = SchedulerConfig::from_json_str("{}").unwrap();
+    let fields = format!("{declared:?}").matches(": None").count();
+    assert_eq!(
+        fields,
+        read.len() + 1,
+        "a field of SchedulerConfig has no case (class_name aside)"
+    );
+}

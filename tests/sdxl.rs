@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{cpu_threads, fixture, max_abs_diff, npy};
+use common::{cpu_threads, fixture, max_abs_diff, npy, relative_error};
 use ndarray::{ArrayD, Axis};
 use serde_json::Value;
 use time_onnx::edit::operator_file;
@@ -163,12 +163,7 @@ fn check_edit(flavour: &str, tolerance: f64) {
             let (shape, want) = &expected[&key];
             let (got_shape, got) = ours.get(&key).unwrap_or_else(|| panic!("no {key}"));
             assert_eq!(got_shape, shape, "{key}");
-            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let err = got
-                .iter()
-                .zip(want)
-                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-                / scale;
+            let err = relative_error(got, want);
             worst = worst.max(err);
             assert!(
                 err <= tolerance,

@@ -187,6 +187,7 @@ fn pipeline_session(rt: &Runtime, device: DeviceArg, threads: Option<usize>) -> 
         device: resolve_device(rt, device),
         threads,
         optimization: GraphOptimization::Extended,
+        ..SessionOptions::default()
     }
 }
 

@@ -591,17 +591,7 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
         .chain(pairs.iter().map(|(_, d)| d))
         .cloned()
         .collect();
-    let ids = prompts
-        .iter()
-        .map(|p| tokenizers.encode_padded(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let kept = match &req.preserve {
-        Preserve::Prompts(prompts) => prompts
-            .iter()
-            .map(|p| tokenizers.encode_padded(p))
-            .collect::<Result<_, _>>()?,
-        _ => Vec::new(),
-    };
+    let (ids, kept) = encode_all(&tokenizers, &prompts, &req.preserve)?;
     Ok(Tokens {
         pairs,
         maps,
@@ -611,6 +601,22 @@ fn prepare_text(req: &EditRequest) -> Result<Tokens, EditJobError> {
         uce,
         debias: None,
     })
+}
+
+/// The ids of `prompts`, and of the preserved prompts when `preserve` lists them.
+fn encode_all(
+    tokenizers: &Tokenizers,
+    prompts: &[String],
+    preserve: &Preserve,
+) -> Result<(Vec<PromptIds>, Vec<PromptIds>), TextError> {
+    let encode = |list: &[String]| -> Result<Vec<PromptIds>, TextError> {
+        list.iter().map(|p| tokenizers.encode_padded(p)).collect()
+    };
+    let kept = match preserve {
+        Preserve::Prompts(kept) => encode(kept)?,
+        _ => Vec::new(),
+    };
+    Ok((encode(prompts)?, kept))
 }
 
 /// A debias edit's prompts: the concept with each augmentation, then each
@@ -645,17 +651,7 @@ fn prepare_debias(
         .chain(attributes.iter().flatten())
         .cloned()
         .collect();
-    let ids = prompts
-        .iter()
-        .map(|p| tokenizers.encode_padded(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let kept = match &req.preserve {
-        Preserve::Prompts(prompts) => prompts
-            .iter()
-            .map(|p| tokenizers.encode_padded(p))
-            .collect::<Result<_, _>>()?,
-        _ => Vec::new(),
-    };
+    let (ids, kept) = encode_all(tokenizers, &prompts, &req.preserve)?;
     Ok(Tokens {
         maps: vec![(0..seq).collect(); concept.len()],
         pairs: concept.iter().map(|c| (c.clone(), c.clone())).collect(),
@@ -728,18 +724,29 @@ struct OpeningEncoder(Option<JoinHandle<Result<(Runtime, TextEncoders), EditJobE
 
 impl OpeningEncoder {
     /// When the UNet's bulk will be copied in the background (an output is
-    /// written), the text encoder runs on one thread: with two, ONNX
-    /// Runtime's worker spins against the copy for the one free core, which
-    /// slowed both (measured on the full-size model: the edit took 1.5–1.6 s
-    /// this way, up to 2.4 s with two threads).
+    /// written) and the text encoders are small beside it, they run on one
+    /// thread: with two, ONNX Runtime's worker spins against the copy for
+    /// the one free core, which slowed both (measured on the full-size SD 1.x
+    /// model: the edit took 1.5–1.6 s this way, up to 2.4 s with two
+    /// threads). SDXL's text encoders are the longer part (fp16 UNet: the
+    /// edit took 14–17 s on one thread, 10.6–11 s on two), so from a quarter
+    /// of the UNet's bytes they get every core.
     fn start(req: &EditRequest) -> Self {
         let side = req.text.clone();
-        let beside_copy = req.unet.is_some() && req.output.is_some();
+        let beside_copy = match (&req.unet, &req.output) {
+            (Some(unet), Some(_)) => {
+                let text: u64 = side.encoders.iter().map(|e| folder_bytes(&e.model)).sum();
+                text.saturating_mul(4) < folder_bytes(unet)
+            }
+            _ => false,
+        };
         Self(Some(std::thread::spawn(move || {
             let rt = Runtime::load()?;
+            // One batch: no weight pre-packing (see SessionOptions::few_runs).
             let opts = SessionOptions {
                 device: Device::Cpu,
                 threads: beside_copy.then_some(1),
+                few_runs: true,
                 ..SessionOptions::default()
             };
             let encoder = TextEncoders::open(&rt, &side, opts)?;
@@ -754,6 +761,19 @@ impl OpeningEncoder {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
+}
+
+/// The bytes of the files in the folder of the model file `model` (the
+/// model with its external data), 0 when it cannot be read.
+fn folder_bytes(model: &Path) -> u64 {
+    let Some(Ok(entries)) = model.parent().map(std::fs::read_dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 impl Drop for OpeningEncoder {

@@ -229,6 +229,8 @@ pub struct Generator {
     embedding_edit: Option<Array2<f32>>,
     /// Bytes a generation may need; the memory available when `None`.
     memory_limit: Option<u64>,
+    /// Only a few prompts will be embedded (see [`Self::with_few_prompts`]).
+    few_prompts: bool,
 }
 
 impl Generator {
@@ -273,6 +275,7 @@ impl Generator {
             scheduler_config: SchedulerConfig::from_file(&model.scheduler_config)?,
             embedding_edit: None,
             memory_limit: None,
+            few_prompts: false,
             model,
             unet_path,
         })
@@ -281,6 +284,13 @@ impl Generator {
     /// The same, never running the folder's safety checker.
     pub fn without_safety_checker(mut self) -> Self {
         self.skip_safety = true;
+        self
+    }
+
+    /// The same, for a run that embeds a few prompts only: the text encoders
+    /// load without pre-packing their weights, seconds sooner for SDXL's.
+    pub fn with_few_prompts(mut self) -> Self {
+        self.few_prompts = true;
         self
     }
 
@@ -443,7 +453,10 @@ impl Generator {
             None => self.text_encoder.insert(TextEncoders::open(
                 &self.runtime,
                 &self.model.text,
-                self.opts,
+                SessionOptions {
+                    few_runs: self.few_prompts,
+                    ..self.opts
+                },
             )?),
         };
         let mut emb = encoder.embed(&ids)?;

@@ -38,6 +38,16 @@ pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
+/// max |got − want| / max |want|: an edited weight's error relative to its
+/// largest magnitude, as the edit goldens are held to.
+pub fn relative_error<'a>(got: impl IntoIterator<Item = &'a f64>, want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    got.into_iter()
+        .zip(want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
 /// CPU sessions with `threads` intra-op threads.
 pub fn cpu_threads(threads: usize) -> SessionOptions {
     SessionOptions {
@@ -136,6 +146,7 @@ pub fn eval_request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
             device: Device::Cpu,
             threads: None,
             optimization: GraphOptimization::Extended,
+            few_runs: false,
         },
     }
 }
