@@ -3,11 +3,12 @@
     python3 scripts/bench_many.py [--runs N] [--no-write] [--rev REV]
 
 Issue 17's bar: 20 edits solved together with a 1,000-prompt preservation prior solve and apply in
-at most 1.5x the time of one edit, beyond their text encoder runs. Both are `time-onnx edit
---dry-run -v` on third_party/sd14-random (built by scripts/make_full_size_model.py when missing),
-each run its own process after a quiet-machine wait, alternating; the figure is the sum of the
-"solve" and "apply" stages that the edit logs (the text encoder and tokenizer stages are what the
-bar leaves out). The prior is built once by `time-onnx prior`, and its time (text encoder batches
+at most 1.5x the time of one edit, beyond their text encoder runs. Measured two ways on
+third_party/sd14-random (built by scripts/make_full_size_model.py when missing), each run its own
+process after a quiet-machine wait, alternating: (1) `time-onnx edit --dry-run -v`, the sum of the
+"solve" and "apply" stages the edit logs (the strictest reading: only the maths); (2) the whole
+edit writing its UNet (`-o`), its wall time minus its text encoder and tokenizer stages (the time
+of one edit beyond its text encoder runs, as a user runs it). The prior is built once by `time-onnx prior`, and its time (text encoder batches
 included) is reported. The 1,000 prompts are preserve/sd.txt's lines crossed with ten photographic
 and painterly framings (ours), the first 1,000.
 
@@ -21,6 +22,7 @@ if __name__ == "__main__":
     _venv.bootstrap(__file__)
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -82,24 +84,38 @@ def main() -> int:
     prior_line = r.stdout.strip()
     say(f"prior: {r.wall:.2f} s wall; {prior_line}")
     unet = str(MODEL / "unet" / "model.onnx")
+    out = TMP / "out"
+    edit = [str(binary), "-v", "edit", unet, "--edits"]
+    many = [str(TMP / "many.csv"), "--prior", str(prior)]
     cmds = {
-        "one": [str(binary), "-v", "edit", unet, "--edits", str(TMP / "one.csv"), "--dry-run"],
-        "many": [str(binary), "-v", "edit", unet, "--edits", str(TMP / "many.csv"), "--prior", str(prior),
-                 "--dry-run"],
+        "one": edit + [str(TMP / "one.csv"), "--dry-run"],
+        "many": edit + many + ["--dry-run"],
+        "one, written": edit + [str(TMP / "one.csv"), "-o", str(out / "model.onnx")],
+        "many, written": edit + many + ["-o", str(out / "model.onnx")],
     }
-    got: dict[str, list[dict[str, int]]] = {"one": [], "many": []}
+    got: dict[str, list[dict[str, int]]] = {name: [] for name in cmds}
     for k in range(args.runs + 1):
         for name, cmd in cmds.items():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            os.sync()
             wait_quiet()
             r = run_measured(cmd, env)
             if r.rc != 0:
                 raise SystemExit(f"{name} failed: {r.stderr}")
             s = stages(r.stderr)
+            s["beyond text encoder"] = round(r.wall * 1e3) - s["text encoder"] - s["tokenize"]
             say(f"{'warmup' if k == 0 else f'round {k}'} {name}: {s} (others' CPU {r.foreign:.2f} s)")
             if k:
                 got[name].append(s)
-    med = {name: statistics.median(s["solve"] + s["apply"] for s in runs) for name, runs in got.items()}
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    figure = {"one": "solve + apply", "many": "solve + apply", "one, written": "beyond text encoder",
+              "many, written": "beyond text encoder"}
+
+    def value(name: str, s: dict[str, int]) -> int:
+        return s["solve"] + s["apply"] if figure[name] == "solve + apply" else s["beyond text encoder"]
+    med = {name: statistics.median(value(name, s) for s in runs) for name, runs in got.items()}
     ratio = med["many"] / med["one"]
+    ratio_written = med["many, written"] / med["one, written"]
     cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
     section = "\n".join([
         "## many edits",
@@ -112,15 +128,18 @@ def main() -> int:
         "- one edit: `edit --edits one.csv --dry-run` (\"A pack of roses\" → \"A pack of blue roses\", "
         "TIME's augmentations, no preservation); many: 20 edits with `--prior` (1,000 prompts, scale 0.1)",
         "",
-        "| run | solve + apply per round (ms) | median |",
-        "|---|---|---:|",
-        *[f"| {name} | {', '.join(str(s['solve'] + s['apply']) for s in runs)} | {med[name]:.0f} |"
+        "| run | figure | per round (ms) | median |",
+        "|---|---|---|---:|",
+        *[f"| {name} | {figure[name]} | {', '.join(str(value(name, s)) for s in runs)} | {med[name]:.0f} |"
           for name, runs in got.items()],
         "",
         "| bar | measured | |",
         "|---|---|---|",
-        f"| 20 edits + 1,000-prompt prior ≤ 1.5 × one edit (solve + apply) | {med['many']:.0f} / {med['one']:.0f} = "
-        f"**{ratio:.2f} ×** | {verdict(ratio <= 1.5)} |",
+        f"| 20 edits + 1,000-prompt prior ≤ 1.5 × one edit, the maths alone (solve + apply, --dry-run) | "
+        f"{med['many']:.0f} / {med['one']:.0f} = **{ratio:.2f} ×** | {verdict(ratio <= 1.5)} |",
+        f"| 20 edits + 1,000-prompt prior ≤ 1.5 × one edit, whole edits writing the UNet, beyond their text "
+        f"encoder and tokenizer stages | {med['many, written']:.0f} / {med['one, written']:.0f} = "
+        f"**{ratio_written:.2f} ×** | {verdict(ratio_written <= 1.5)} |",
         "",
     ])
     print(section)
