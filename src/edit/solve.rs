@@ -258,19 +258,22 @@ pub fn solve_preserving<T: Copy + Into<f64>>(
     if moved.is_empty() {
         return Ok(Operator::identity(d));
     }
-    let moved_c = c.select(Axis(0), &moved);
-    let shift = &c_star.select(Axis(0), &moved) - &moved_c;
     if 2 * moved.len() >= d {
         // As many moved positions as half the width (many edits at once):
         // factors would save nothing, and forming Σ c (c* − c)ᵀ `[d, d]`
-        // once costs a quarter of B = M⁻¹·C and its QR.
+        // once costs a quarter of B = M⁻¹·C and its QR. Over every row: the
+        // rows that do not move add exact zeros, and no copy is made.
+        let mut shift = c_star;
+        shift -= &c;
         let m = system(&c, lambda, preserve);
-        let mut at = solve_spd(&m, &blocked_product(moved_c.view(), shift.view()), lambda)?;
+        let mut at = solve_spd(&m, &blocked_product(c.view(), shift.view()), lambda)?;
         at.diag_mut().mapv_inplace(|x| x + 1.0);
         return Ok(Operator {
             repr: Repr::Dense(at),
         });
     }
+    let moved_c = c.select(Axis(0), &moved);
+    let shift = &c_star.select(Axis(0), &moved) - &moved_c;
     // Aᵀ − I = M⁻¹·Σ c (c* − c)ᵀ = B·S with B = M⁻¹·C `[d, k]` (the moved
     // positions' c as columns) and S their shifts as rows `[k, d]`.
     // With B = Q·R: B·S = Q·(R·S), Q orthonormal.
@@ -402,7 +405,7 @@ fn source_rows<T: Copy + Into<f64>>(src: ArrayView3<'_, T>) -> Result<Array2<f64
     let (pairs, seq, d) = src.dim();
     let mut rows = Array2::zeros((pairs * seq, d));
     for ((pair, position), mut row) in index_pairs(pairs, seq).zip(rows.rows_mut()) {
-        row.assign(&src.slice(ndarray::s![pair, position, ..]).mapv(Into::into));
+        widen_into(&mut row, src.slice(ndarray::s![pair, position, ..]));
         check_finite(row.view(), "source", pair, position)?;
     }
     Ok(rows)
@@ -422,10 +425,18 @@ fn destination_rows<T: Copy + Into<f64>>(
             .and_then(|map| map.get(position))
             .copied()
             .unwrap_or(position);
-        row.assign(&dst.index_axis(Axis(0), pair).row(index).mapv(Into::into));
+        widen_into(&mut row, dst.index_axis(Axis(0), pair).row(index));
         check_finite(row.view(), "destination", pair, index)?;
     }
     Ok(rows)
+}
+
+/// `row` ← `from` widened to f64, element by element (no temporary).
+fn widen_into<T: Copy + Into<f64>>(
+    row: &mut ndarray::ArrayViewMut1<'_, f64>,
+    from: ndarray::ArrayView1<'_, T>,
+) {
+    Zip::from(row).and(from).for_each(|r, &v| *r = v.into());
 }
 
 /// (pair, position) in row-major order, matching the rows of
@@ -529,9 +540,10 @@ fn column_block(x: ArrayView2<'_, f64>, j: usize) -> ArrayView2<'_, f64> {
 
 /// `f(i, j)` for every block (i, j), on one thread per core, blocks dealt
 /// out in turn; the results with their blocks, in any order.
-fn in_parallel<F>(blocks: &[(usize, usize)], f: F) -> Vec<((usize, usize), Array2<f64>)>
+fn in_parallel<F, T>(blocks: &[(usize, usize)], f: F) -> Vec<((usize, usize), T)>
 where
-    F: Fn(usize, usize) -> Array2<f64> + Sync,
+    F: Fn(usize, usize) -> T + Sync,
+    T: Send,
 {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -559,16 +571,26 @@ where
 }
 
 /// X = M⁻¹·B `[d, k] f64` for symmetric positive definite M `[d, d] f64`:
-/// M = L·Lᵀ once, then two triangular solves.
+/// M = L·Lᵀ once, then two triangular solves per block of [`BLOCK`]
+/// columns of B, the blocks on one thread per core (each column's solve is
+/// the same whatever the thread count).
 fn solve_spd(m: &Array2<f64>, b: &Array2<f64>, lambda: f64) -> Result<Array2<f64>, EditError> {
     let failed = |source| EditError::NotPositiveDefinite { lambda, source };
     let l = m.cholesky(UPLO::Lower).map_err(failed)?;
-    let y = l
-        .solve_triangular(UPLO::Lower, Diag::NonUnit, b)
-        .map_err(failed)?;
-    l.t()
-        .solve_triangular(UPLO::Upper, Diag::NonUnit, &y)
-        .map_err(failed)
+    let lt = l.t().to_owned();
+    let blocks: Vec<(usize, usize)> = (0..b.ncols().div_ceil(BLOCK)).map(|j| (0, j)).collect();
+    let solved = in_parallel(&blocks, |_, j| {
+        let part = column_block(b.view(), j).to_owned();
+        l.solve_triangular(UPLO::Lower, Diag::NonUnit, &part)
+            .and_then(|y| lt.solve_triangular(UPLO::Upper, Diag::NonUnit, &y))
+    });
+    let mut x = Array2::zeros(b.dim());
+    for ((_, j), part) in solved {
+        let part = part.map_err(failed)?;
+        x.slice_mut(ndarray::s![.., j * BLOCK..j * BLOCK + part.ncols()])
+            .assign(&part);
+    }
+    Ok(x)
 }
 
 /// W'ᵀ = Aᵀ·Wᵀ `[d, out] f64` of an ONNX K/V weight Wᵀ `[d, out]` (f32 or
