@@ -1190,3 +1190,78 @@ fn a_replacement_without_the_source_words_points_to_erase() {
     assert!(err.contains("--erase"), "{err}");
     assert!(!dir.path().join("out.onnx").exists());
 }
+
+/// SDXL folders whose parts do not fit: `edit` and `generate` each exit 1
+/// with one line naming what is wrong, and write nothing.
+#[test]
+fn inconsistent_sdxl_folders_get_one_line_naming_the_part() {
+    let sdxl = Path::new(FIXTURES)
+        .parent()
+        .unwrap()
+        .join("sdxl-tiny/optimum");
+    let parts = [
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "unet",
+        "vae_decoder",
+        "scheduler",
+        "model_index.json",
+    ];
+    let folder = |replace: &[(&str, Option<PathBuf>)]| {
+        let dir = tempfile::tempdir().unwrap();
+        for p in parts {
+            let target = match replace.iter().find(|(name, _)| *name == p) {
+                Some((_, Some(other))) => other.clone(),
+                Some((_, None)) => continue,
+                None => sdxl.join(p),
+            };
+            std::os::unix::fs::symlink(target, dir.path().join(p)).unwrap();
+        }
+        dir
+    };
+    let cases: Vec<(&str, tempfile::TempDir, &str)> = vec![
+        (
+            "no tokenizer_2",
+            folder(&[("tokenizer_2", None)]),
+            "but not tokenizer_2/",
+        ),
+        (
+            "widths that do not add up",
+            folder(&[("text_encoder", Some(sdxl.join("text_encoder_2")))]),
+            "64 (32 + 32)",
+        ),
+        (
+            "an SD UNet in an SDXL folder",
+            folder(&[("unet", Some(fixture("optimum/unet")))]),
+            "text_embeds",
+        ),
+    ];
+    for (case, dir, says) in &cases {
+        let out = tempfile::tempdir().unwrap();
+        let unet = dir.path().join("unet/model.onnx");
+        let mut edit = time_onnx();
+        edit.arg("edit")
+            .arg(&unet)
+            .args(["--src", "a car", "--dst", "a red car", "-o"])
+            .arg(out.path().join("e/model.onnx"));
+        let mut generate = time_onnx();
+        generate
+            .args(["generate", "--steps", "1", "--device", "cpu", "--model"])
+            .arg(dir.path())
+            .args(["--prompt", "a car", "-o"])
+            .arg(out.path().join("g.png"));
+        for (what, mut cmd) in [("edit", edit), ("generate", generate)] {
+            let err = assert_clean_error(&cmd.output().unwrap(), &format!("{case}, {what}"));
+            // edit refuses an SD UNet (16 wide) by width, generate by its missing input
+            let names = err.contains(says) || (*says == "text_embeds" && err.contains("16-wide"));
+            assert!(names, "{case}, {what}: {err}");
+        }
+        assert_eq!(
+            std::fs::read_dir(out.path()).unwrap().count(),
+            0,
+            "{case}: wrote something"
+        );
+    }
+}
