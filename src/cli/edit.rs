@@ -102,8 +102,9 @@ struct DebiasArgs {
     /// ONNX CLIP export).
     #[arg(long, requires = "debias")]
     judge: Option<ClassifierSpec>,
-    /// Images drawn and judged per round (seeds from 2^40 on, never the small ones).
-    #[arg(long, default_value_t = 32, requires = "debias")]
+    /// Images judged per round: the same seeds every round (from 2^40 on, never the small ones),
+    /// four times as many once a round is within --tolerance and new seeds do not confirm it.
+    #[arg(long, default_value_t = 64, requires = "debias")]
     judge_images: usize,
     /// Denoising steps of the judged images.
     #[arg(long, default_value_t = 25, requires = "debias")]
@@ -114,7 +115,8 @@ struct DebiasArgs {
     /// Rounds at most (UCE's 30).
     #[arg(long, default_value_t = 30, requires = "debias")]
     max_rounds: usize,
-    /// How far each round moves the weights per unit of share missed (UCE's 0.1).
+    /// How far the first round moves the weights per unit of share missed (UCE's 0.1); doubled
+    /// while the mix misses on one side, halved once past it.
     #[arg(long, default_value_t = 0.1, requires = "debias", value_parser = finite)]
     debias_step: f64,
 }

@@ -54,16 +54,45 @@ pub fn targets(
 }
 
 /// UCE's update of the weights after a measurement: wⱼ + step·(wantedⱼ −
-/// measuredⱼ). (UCE's script keeps only the new step and lets the edits of
-/// successive rounds compound in the weights; solving every round from the
-/// unedited model, the steps are summed instead, which keeps the result one
-/// edit.)
+/// measuredⱼ), kept ≥ 0. (UCE's script keeps only the new step and lets the
+/// edits of successive rounds compound in the weights; solving every round
+/// from the unedited model, the steps are summed instead, which keeps the
+/// result one edit. UCE lets a weight go negative, moving the concept away
+/// from an attribute it shows too often; here that weight stops at 0 and
+/// the others grow instead: subtracting "a red circle" from "a circle"
+/// drew circles of neither colour on the toy model, 9% of 256 images at
+/// weights (−0.38, +0.38) against 2% at (0, +0.8) for the same mix.)
 pub fn next_weights(weights: &[f64], wanted: &[f64], measured: &[f64], step: f64) -> Vec<f64> {
     weights
         .iter()
         .zip(wanted.iter().zip(measured))
-        .map(|(w, (t, m))| w + step * (t - m))
+        .map(|(w, (t, m))| (w + step * (t - m)).max(0.0))
         .collect()
+}
+
+/// The step of the next round: doubled while the mix keeps missing on the
+/// same side (the misses of two rounds point the same way), halved once it
+/// has stepped over (they point opposite ways). Judged on the same seeds
+/// every round, the mix is a function of the weights alone, so this
+/// brackets the weights where it crosses the wanted one instead of
+/// creeping towards them at UCE's fixed step or circling them.
+pub fn next_step(step: f64, previous_miss: Option<&[f64]>, miss: &[f64]) -> f64 {
+    let Some(previous) = previous_miss else {
+        return step;
+    };
+    let agreement: f64 = previous.iter().zip(miss).map(|(a, b)| a * b).sum();
+    if agreement > 0.0 {
+        step * 2.0
+    } else if agreement < 0.0 {
+        step / 2.0
+    } else {
+        step
+    }
+}
+
+/// wantedⱼ − measuredⱼ for each attribute.
+pub fn miss(wanted: &[f64], measured: &[f64]) -> Vec<f64> {
+    wanted.iter().zip(measured).map(|(t, m)| t - m).collect()
 }
 
 /// The largest |measured − wanted| over the attributes.
@@ -99,12 +128,23 @@ mod tests {
     }
 
     #[test]
-    fn weights_move_towards_the_wanted_mix() {
+    fn weights_move_towards_the_wanted_mix_and_stay_non_negative() {
         let w = next_weights(&[0.0, 0.0], &[0.5, 0.5], &[1.0, 0.0], 0.1);
+        assert!(w[0] == 0.0 && (w[1] - 0.05).abs() < 1e-15, "{w:?}");
+        let w = next_weights(&[0.3, 0.2], &[0.5, 0.5], &[0.2, 0.8], 0.5);
         assert!(
-            (w[0] + 0.05).abs() < 1e-15 && (w[1] - 0.05).abs() < 1e-15,
+            (w[0] - 0.45).abs() < 1e-15 && (w[1] - 0.05).abs() < 1e-15,
             "{w:?}"
         );
         assert!((gap(&[0.5, 0.5], &[0.9, 0.1]) - 0.4).abs() < 1e-15);
+        assert_eq!(miss(&[0.5, 0.5], &[0.75, 0.25]), vec![-0.25, 0.25]);
+    }
+
+    #[test]
+    fn the_step_doubles_while_missing_on_one_side_and_halves_past_the_mix() {
+        assert_eq!(next_step(0.1, None, &[-0.5, 0.5]), 0.1);
+        assert_eq!(next_step(0.1, Some(&[-0.5, 0.5]), &[-0.2, 0.2]), 0.2);
+        assert_eq!(next_step(0.1, Some(&[-0.5, 0.5]), &[0.1, -0.1]), 0.05);
+        assert_eq!(next_step(0.1, Some(&[-0.5, 0.5]), &[0.0, 0.0]), 0.1);
     }
 }

@@ -5,8 +5,8 @@
 //! ([`crate::edit::debias`]).
 //!
 //! Every round solves from the unedited model with the weights summed so
-//! far and measures on its own seeds: seeds from [`JUDGE_SEEDS`] on, never
-//! the small seeds a user (or a test) scores the result on.
+//! far and is judged on the same seeds, from [`JUDGE_SEEDS`] on, never the
+//! small seeds a user (or a test) scores the result on.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use ndarray::{Array4, ArrayD, Axis, concatenate};
 
 use crate::edit::Operator;
-use crate::edit::debias::{gap, next_weights};
+use crate::edit::debias::{gap, miss, next_step, next_weights};
 use crate::edit::record::DebiasRecord;
 use crate::eval::{Classifier, ClassifierSpec, EvalError};
 use crate::pipeline::rng::Rng;
@@ -28,9 +28,9 @@ use crate::workflow::generate::{GenerateError, Generator, Params};
 /// which a result is scored.
 pub const JUDGE_SEEDS: u64 = 1 << 40;
 
-/// A round within the tolerance is measured again on this many times its
-/// images before the loop stops on it.
-const CONFIRM: usize = 3;
+/// A round within the tolerance is judged again on this many times its
+/// images, new ones, before the loop stops on it.
+const CONFIRM: u64 = 3;
 
 /// What to debias and how to measure it.
 #[derive(Clone, Debug)]
@@ -43,7 +43,8 @@ pub struct DebiasRequest {
     pub model: PathBuf,
     /// Who says which attribute an image shows.
     pub judge: ClassifierSpec,
-    /// Images drawn per round.
+    /// Images judged per round at the start (the same seeds every round;
+    /// more once a confirmation fails).
     pub images: usize,
     /// Stop when every share is within this of the wanted one.
     pub tolerance: f64,
@@ -68,7 +69,7 @@ pub struct Drawing {
     pub scheduler: Option<SchedulerKind>,
 }
 
-/// One round: the weights used and the mix measured with them.
+/// One round: the weights used and the mix judged with them.
 #[derive(Clone, Debug)]
 pub struct Round {
     /// The weights of the edit measured.
@@ -133,43 +134,48 @@ pub fn run(
     let mut weights = start.weights.clone();
     let mut rounds = Vec::new();
     let mut converged = false;
-    let mut next_seed = JUDGE_SEEDS;
+    // Every round is judged on the same seeds, so that its mix depends on
+    // its weights alone; a round within the tolerance is then judged on
+    // new seeds too, and when the mix does not hold there, those seeds
+    // join the judged ones for the rounds that follow.
+    let mut judged = JUDGE_SEEDS..JUDGE_SEEDS + req.images as u64;
+    let mut step = req.step;
+    let mut previous_miss: Option<Vec<f64>> = None;
     for _ in 0..req.max_rounds {
         let operator = solve(req, &start, &weights)?;
-        let mut measure = |count: usize| {
-            let seeds = next_seed..next_seed + count as u64;
-            next_seed = seeds.end;
-            let picks = picks(
+        let mut draw = |seeds: Range<u64>| {
+            picks(
                 &mut generator,
                 &mut judge,
                 operator.as_ref(),
                 &concept,
                 &attributes,
-                seeds.clone(),
-                &req.drawing,
-            )?;
-            let shares = shares(&picks, attributes.len());
-            Ok::<_, DebiasError>(Round {
-                weights: weights.clone(),
-                shares,
                 seeds,
-            })
+                &req.drawing,
+            )
         };
-        let mut round = measure(req.images)?;
+        let mut seen = draw(judged.clone())?;
+        let mut round = Round {
+            weights: weights.clone(),
+            shares: shares(&seen, attributes.len()),
+            seeds: judged.clone(),
+        };
         if gap(&start.wanted, &round.shares) <= req.tolerance {
-            // Within the tolerance on this draw: measured again on three
-            // times as many new seeds, and accepted if the four together
-            // are (a lucky draw of a few images is not a mix).
-            let again = measure(CONFIRM * req.images)?;
-            let pooled = CONFIRM as f64 + 1.0;
-            round.shares = (round.shares.iter().zip(&again.shares))
-                .map(|(a, b)| (a + CONFIRM as f64 * b) / pooled)
-                .collect();
-            round.seeds = round.seeds.start..again.seeds.end;
+            // Confirmed on CONFIRM times as many new seeds, all of them
+            // counted together (a mix that only these seeds show is not
+            // the model's).
+            let fresh = judged.end..judged.end + CONFIRM * (judged.end - judged.start);
+            seen.extend(draw(fresh.clone())?);
+            round.shares = shares(&seen, attributes.len());
+            round.seeds = judged.start..fresh.end;
             converged = gap(&start.wanted, &round.shares) <= req.tolerance;
+            judged = round.seeds.clone();
         }
         progress(&round);
-        let next = next_weights(&weights, &start.wanted, &round.shares, req.step);
+        let missed = miss(&start.wanted, &round.shares);
+        step = next_step(step, previous_miss.as_deref(), &missed);
+        let next = next_weights(&weights, &start.wanted, &round.shares, step);
+        previous_miss = Some(missed);
         rounds.push(round);
         if converged {
             break;
