@@ -7,6 +7,7 @@
 //! lets a packed K/V weight be edited in its packed layout, and a values-only
 //! edit touch only the V columns of it.
 
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayViewMut2, Axis};
 
@@ -256,7 +257,7 @@ where
     let non_finite = || WeightError::NonFinite {
         tensor: p.initializer.clone(),
     };
-    let norm = sum_of_squares(values.iter());
+    let norm = sum_of_squares(values);
     if !norm.is_finite() {
         return Err(non_finite());
     }
@@ -280,7 +281,10 @@ where
         }
         z
     };
-    let moved = sum_of_squares(&z);
+    let moved = match z.as_slice_memory_order() {
+        Some(z) => sum_of_squares(z),
+        None => sum_of_squares(&z.iter().copied().collect::<Vec<_>>()),
+    };
     if !moved.is_finite() {
         return Err(non_finite());
     }
@@ -310,14 +314,26 @@ impl Sizes {
 }
 
 /// Σ x² in f64 (infinite or NaN when an element is).
-fn sum_of_squares<'a, T: 'a + Copy + Into<f64>>(values: impl IntoIterator<Item = &'a T>) -> f64 {
-    values
-        .into_iter()
+fn sum_of_squares<T: Copy + Into<f64>>(values: &[T]) -> f64 {
+    // Eight running sums instead of one: the additions no longer wait for
+    // each other (an SDXL UNet's 140 weights are 0.5 G values).
+    let mut lanes = [0.0f64; 8];
+    let chunks = values.chunks_exact(lanes.len());
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            let x: f64 = x.into();
+            *lane += x * x;
+        }
+    }
+    let tail: f64 = rest
+        .iter()
         .map(|&x| {
             let x: f64 = x.into();
             x * x
         })
-        .sum()
+        .sum();
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// [`decode`] straight to f32, for f32/f16/bf16 storage (the hot path).
@@ -327,10 +343,19 @@ fn decode_f32(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f32>, W
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        DataType::Float16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        DataType::Float16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            // Whole slices through F16C where the CPU has it.
+            Ok(bits) if cfg!(target_endian = "little") => {
+                let mut out = vec![0.0f32; bits.len()];
+                bits.reinterpret_cast::<f16>()
+                    .convert_to_f32_slice(&mut out);
+                out
+            }
+            _ => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        },
         DataType::BFloat16 => bytes
             .chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -344,7 +369,8 @@ fn decode_f32(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f32>, W
 
 /// [`encode`] from f32, refusing what the storage type cannot hold.
 fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, WeightError> {
-    if values.iter().any(|v| !v.is_finite()) {
+    // No early exit: the whole pass vectorizes.
+    if values.iter().fold(false, |bad, v| bad | !v.is_finite()) {
         return Err(WeightError::NonFinite {
             tensor: tensor.to_string(),
         });
@@ -359,11 +385,7 @@ fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, 
         DataType::Float => values
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DataType::Float16 => push_halves(values, &mut out, |v| {
-            let x = f16::from_f32(v);
-            x.is_finite().then(|| x.to_le_bytes())
-        })
-        .map_err(overflow)?,
+        DataType::Float16 => push_f16(values, &mut out).map_err(overflow)?,
         DataType::BFloat16 => push_halves(values, &mut out, |v| {
             let x = bf16::from_f32(v);
             x.is_finite().then(|| x.to_le_bytes())
@@ -378,6 +400,29 @@ fn encode_f32(values: &[f32], dtype: DataType, tensor: &str) -> Result<Vec<u8>, 
         }
     }
     Ok(out)
+}
+
+/// Appends each value as f16 bytes, the whole slice through F16C where the
+/// CPU has it; the error is the first value that does not fit.
+fn push_f16(values: &[f32], out: &mut Vec<u8>) -> Result<(), f32> {
+    let start = out.len();
+    out.resize(start + 2 * values.len(), 0);
+    let fast = cfg!(target_endian = "little");
+    if let (true, Ok(bits)) = (fast, bytemuck::try_cast_slice_mut::<u8, u16>(&mut out[start..])) {
+        bits.reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(values);
+        // Infinite or NaN in f16 (the f32 values are finite): no early exit,
+        // so that the pass vectorizes.
+        let exponent = 0x7c00;
+        if !bits.iter().fold(false, |bad, b| bad | (b & exponent == exponent)) {
+            return Ok(());
+        }
+    }
+    out.truncate(start);
+    push_halves(values, out, |v| {
+        let x = f16::from_f32(v);
+        x.is_finite().then(|| x.to_le_bytes())
+    })
 }
 
 /// Appends each value as 2 bytes of a 16-bit float (`convert` gives `None`
