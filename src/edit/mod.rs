@@ -170,6 +170,14 @@ pub enum EditError {
         #[source]
         source: ndarray_linalg::error::LinalgError,
     },
+    /// A LAPACK routine refused its arguments (a bug, not an input).
+    #[error("LAPACK's {routine} failed (info = {info})")]
+    Lapack {
+        /// The routine.
+        routine: &'static str,
+        /// Its `info`.
+        info: std::ffi::c_int,
+    },
     /// LAPACK failed to factor M⁻¹·C, the basis of the change A − I (QR).
     #[error("the QR factorization of the edit's change (M^-1 C) failed: {source}")]
     Factorization {

@@ -408,13 +408,19 @@ fn push_f16(values: &[f32], out: &mut Vec<u8>) -> Result<(), f32> {
     let start = out.len();
     out.resize(start + 2 * values.len(), 0);
     let fast = cfg!(target_endian = "little");
-    if let (true, Ok(bits)) = (fast, bytemuck::try_cast_slice_mut::<u8, u16>(&mut out[start..])) {
+    if let (true, Ok(bits)) = (
+        fast,
+        bytemuck::try_cast_slice_mut::<u8, u16>(&mut out[start..]),
+    ) {
         bits.reinterpret_cast_mut::<f16>()
             .convert_from_f32_slice(values);
         // Infinite or NaN in f16 (the f32 values are finite): no early exit,
         // so that the pass vectorizes.
         let exponent = 0x7c00;
-        if !bits.iter().fold(false, |bad, b| bad | (b & exponent == exponent)) {
+        if !bits
+            .iter()
+            .fold(false, |bad, b| bad | (b & exponent == exponent))
+        {
             return Ok(());
         }
     }
