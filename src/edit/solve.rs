@@ -477,8 +477,9 @@ unsafe extern "C" {
     /// OpenBLAS's thread count for the LAPACK and BLAS calls that follow.
     fn openblas_set_num_threads(n: std::ffi::c_int);
     /// LAPACK: solves A·X = B with A's Cholesky factor (column-major), in
-    /// OpenBLAS, which ndarray-linalg links. (Single-character arguments
-    /// carry no hidden length in OpenBLAS's own LAPACK routines.)
+    /// OpenBLAS, which ndarray-linalg links. Declared as lapack-sys declares
+    /// it: without gfortran's hidden length of `uplo`, which a CHARACTER*1
+    /// argument never reads.
     fn dpotrs_(
         uplo: *const std::ffi::c_char,
         n: *const std::ffi::c_int,
