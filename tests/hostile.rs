@@ -1195,46 +1195,29 @@ fn a_replacement_without_the_source_words_points_to_erase() {
 /// with one line naming what is wrong, and write nothing.
 #[test]
 fn inconsistent_sdxl_folders_get_one_line_naming_the_part() {
-    let sdxl = Path::new(FIXTURES)
-        .parent()
-        .unwrap()
-        .join("sdxl-tiny/optimum");
-    let parts = [
-        "text_encoder",
-        "text_encoder_2",
-        "tokenizer",
-        "tokenizer_2",
-        "unet",
-        "vae_decoder",
-        "scheduler",
-        "model_index.json",
-    ];
-    let folder = |replace: &[(&str, Option<PathBuf>)]| {
-        let dir = tempfile::tempdir().unwrap();
-        for p in parts {
-            let target = match replace.iter().find(|(name, _)| *name == p) {
-                Some((_, Some(other))) => other.clone(),
-                Some((_, None)) => continue,
-                None => sdxl.join(p),
-            };
-            std::os::unix::fs::symlink(target, dir.path().join(p)).unwrap();
-        }
-        dir
+    // The tiny SDXL folder with `part` replaced by `with` (or left out).
+    let folder = |part: &str, with: Option<PathBuf>| {
+        let mut parts = common::sdxl_parts(&[part]);
+        parts.extend(with.map(|w| (part, w)));
+        common::folder_of(&parts)
     };
     let cases: Vec<(&str, tempfile::TempDir, &str)> = vec![
         (
             "no tokenizer_2",
-            folder(&[("tokenizer_2", None)]),
+            folder("tokenizer_2", None),
             "but not tokenizer_2/",
         ),
         (
             "widths that do not add up",
-            folder(&[("text_encoder", Some(sdxl.join("text_encoder_2")))]),
+            folder(
+                "text_encoder",
+                Some(common::fixture("sdxl-tiny/optimum/text_encoder_2")),
+            ),
             "64 (32 + 32)",
         ),
         (
             "an SD UNet in an SDXL folder",
-            folder(&[("unet", Some(fixture("optimum/unet")))]),
+            folder("unet", Some(fixture("optimum/unet"))),
             "text_embeds",
         ),
     ];

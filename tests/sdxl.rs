@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{cpu_threads, fixture, max_abs_diff, npy, relative_error};
+use common::{cpu_threads, fixture, folder_of, max_abs_diff, npy, relative_error, sdxl_parts};
 use ndarray::{ArrayD, Axis};
 use serde_json::Value;
 use time_onnx::edit::operator_file;
@@ -347,30 +347,6 @@ fn an_sdxl_operator_draws_what_the_edited_unet_draws() {
 }
 
 /// A folder made of `parts` (name → fixture path), for inconsistent ones.
-fn folder_of(parts: &[(&str, PathBuf)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, target) in parts {
-        std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
-    }
-    dir
-}
-
-fn sdxl_parts(except: &[&str]) -> Vec<(&'static str, PathBuf)> {
-    [
-        "text_encoder",
-        "text_encoder_2",
-        "tokenizer",
-        "tokenizer_2",
-        "unet",
-        "vae_decoder",
-        "scheduler",
-        "model_index.json",
-    ]
-    .into_iter()
-    .filter(|p| !except.contains(p))
-    .map(|p| (p, sdxl("optimum").join(p)))
-    .collect()
-}
 
 /// SDXL-shaped folders that do not fit together get one line naming what
 /// is missing or wrong, from both `generate` and `edit`.

@@ -150,3 +150,32 @@ pub fn eval_request(model: &Path, dataset: &Path, out: &Path) -> EvalRequest {
         },
     }
 }
+
+/// A folder of symbolic links, each name to its target: a model folder
+/// assembled from fixture parts.
+pub fn folder_of(parts: &[(&str, PathBuf)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, target) in parts {
+        std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
+/// The parts of the tiny SDXL fixture (`sdxl-tiny/optimum`) but `except`,
+/// named as in the folder, for [`folder_of`].
+pub fn sdxl_parts(except: &[&str]) -> Vec<(&'static str, PathBuf)> {
+    [
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "unet",
+        "vae_decoder",
+        "scheduler",
+        "model_index.json",
+    ]
+    .into_iter()
+    .filter(|p| !except.contains(p))
+    .map(|p| (p, fixture("sdxl-tiny/optimum").join(p)))
+    .collect()
+}
