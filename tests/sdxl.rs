@@ -346,8 +346,6 @@ fn an_sdxl_operator_draws_what_the_edited_unet_draws() {
     );
 }
 
-/// A folder made of `parts` (name → fixture path), for inconsistent ones.
-
 /// SDXL-shaped folders that do not fit together get one line naming what
 /// is missing or wrong, from both `generate` and `edit`.
 #[test]
