@@ -116,7 +116,7 @@ struct DebiasArgs {
     #[arg(long, default_value_t = 30, requires = "debias")]
     max_rounds: usize,
     /// How far the first round moves the weights per unit of share missed (UCE's 0.1); doubled
-    /// while the mix misses on one side, halved once past it.
+    /// while the mix misses on one side (up to 16 times this), halved once past it.
     #[arg(long, default_value_t = 0.1, requires = "debias", value_parser = finite)]
     debias_step: f64,
 }

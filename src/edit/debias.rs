@@ -71,24 +71,31 @@ pub fn next_weights(weights: &[f64], wanted: &[f64], measured: &[f64], step: f64
 }
 
 /// The step of the next round: doubled while the mix keeps missing on the
-/// same side (the misses of two rounds point the same way), halved once it
-/// has stepped over (they point opposite ways). Judged on the same seeds
-/// every round, the mix is a function of the weights alone, so this
-/// brackets the weights where it crosses the wanted one instead of
-/// creeping towards them at UCE's fixed step or circling them.
-pub fn next_step(step: f64, previous_miss: Option<&[f64]>, miss: &[f64]) -> f64 {
+/// same side (the misses of two rounds point the same way), up to
+/// [`MAX_STEP_GROWTH`] times the `first` step, and halved once it has
+/// stepped over (they point opposite ways). Judged on the same seeds every
+/// round, the mix is a function of the weights alone, so this brackets the
+/// weights where it crosses the wanted one instead of creeping towards them
+/// at UCE's fixed step or circling them.
+pub fn next_step(step: f64, first: f64, previous_miss: Option<&[f64]>, miss: &[f64]) -> f64 {
     let Some(previous) = previous_miss else {
         return step;
     };
     let agreement: f64 = previous.iter().zip(miss).map(|(a, b)| a * b).sum();
     if agreement > 0.0 {
-        step * 2.0
+        (step * 2.0).min(first * MAX_STEP_GROWTH)
     } else if agreement < 0.0 {
         step / 2.0
     } else {
         step
     }
 }
+
+/// How far [`next_step`] lets the step grow: a judge that never sees an
+/// attribute (whatever the weights) must not drive them to infinity; from
+/// UCE's 0.1 this allows 1.6 per unit of share missed, enough to reach the
+/// concept's own norm in one round.
+pub const MAX_STEP_GROWTH: f64 = 16.0;
 
 /// wantedⱼ − measuredⱼ for each attribute.
 pub fn miss(wanted: &[f64], measured: &[f64]) -> Vec<f64> {
@@ -141,10 +148,13 @@ mod tests {
     }
 
     #[test]
-    fn the_step_doubles_while_missing_on_one_side_and_halves_past_the_mix() {
-        assert_eq!(next_step(0.1, None, &[-0.5, 0.5]), 0.1);
-        assert_eq!(next_step(0.1, Some(&[-0.5, 0.5]), &[-0.2, 0.2]), 0.2);
-        assert_eq!(next_step(0.1, Some(&[-0.5, 0.5]), &[0.1, -0.1]), 0.05);
-        assert_eq!(next_step(0.1, Some(&[-0.5, 0.5]), &[0.0, 0.0]), 0.1);
+    fn the_step_doubles_while_missing_on_one_side_up_to_a_cap_and_halves_past_the_mix() {
+        let previous: &[f64] = &[-0.5, 0.5];
+        assert_eq!(next_step(0.1, 0.1, None, &[-0.5, 0.5]), 0.1);
+        assert_eq!(next_step(0.1, 0.1, Some(previous), &[-0.2, 0.2]), 0.2);
+        assert_eq!(next_step(0.1, 0.1, Some(previous), &[0.1, -0.1]), 0.05);
+        assert_eq!(next_step(0.1, 0.1, Some(previous), &[0.0, 0.0]), 0.1);
+        // growth stops at MAX_STEP_GROWTH times the first step
+        assert_eq!(next_step(1.6, 0.1, Some(previous), &[-0.2, 0.2]), 1.6);
     }
 }

@@ -173,7 +173,7 @@ pub fn run(
         }
         progress(&round);
         let missed = miss(&start.wanted, &round.shares);
-        step = next_step(step, previous_miss.as_deref(), &missed);
+        step = next_step(step, req.step, previous_miss.as_deref(), &missed);
         let next = next_weights(&weights, &start.wanted, &round.shares, step);
         previous_miss = Some(missed);
         rounds.push(round);
