@@ -19,6 +19,7 @@ Edit contenders, each in its own process, side by side on the same files:
        8 prompts: the text encoders' own footprint (peak RSS) that the edit's peak RSS is held against
   (E)  (B) with --dry-run: the stage times without the background copy sharing the cores
 Bars (issue 16): (B − its text encoder stage) ≤ 1.2 × A; C ≥ 5 × B; peak RSS of B ≤ peak RSS of T + 0.5 GiB.
+With --skip-edit or --skip-generate the section is printed, not written: it holds both halves and notes by hand.
 
 Generate contenders, one after the other (both may not fit in memory side by side), same files and threads:
   (G1) time-onnx -v generate --model <model> --prompt "A pack of roses" --steps N --height S --width S --seed 1
@@ -369,7 +370,11 @@ def main() -> int:
     command = "python3 scripts/bench_sdxl.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = render(edit, gen, facts, command.strip(), args)
     print(section)
-    if not args.no_write:
+    if args.skip_edit or args.skip_generate:
+        # The section holds both halves and the notes written by hand around them: a run of one half
+        # prints its part to be pasted in, it does not replace the whole.
+        say("one half skipped: BENCHMARKS.md left as it is (paste the printed part in by hand)")
+    elif not args.no_write:
         write_section("SDXL", section)
     rm(args.tmp)
     return 0
