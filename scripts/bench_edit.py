@@ -74,39 +74,18 @@ LAMBDA = 0.1
 AUGS = ["A photo of ", "An image of ", "A picture of "]  # diffusers' AUGS_CONST
 
 
-# ======================================================================================
-# (C) the Python route, run as `bench_edit.py --python-route UNET OUTDIR` in a fresh process
-# ======================================================================================
-def python_route(unet_path: str, out_dir: str) -> None:
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-    from transformers import CLIPTokenizer
-
-    unet_path = Path(unet_path)
-    model_dir = unet_path.parent.parent
-    tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-
-    # augmented prompt pairs, as diffusers' StableDiffusionModelEditingPipeline.edit_model builds them
+def augmented_prompts() -> tuple[list[str], list[str]]:
+    """SRC's and DST's prompts with TIME's augmentations, as diffusers'
+    StableDiffusionModelEditingPipeline.edit_model builds them."""
     def base(t: str) -> str:
         return "a" + t[1:] if t[:1] == "A" else t
-    old_texts = [SRC] + [a + base(SRC) for a in AUGS]
-    new_texts = [DST] + [a + base(DST) for a in AUGS]
+    return [SRC] + [a + base(SRC) for a in AUGS], [DST] + [a + base(DST) for a in AUGS]
 
-    # text encoder, one batch of all 8 prompts
-    ids = tok(old_texts + new_texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="np").input_ids
-    sess = ort.InferenceSession(str(model_dir / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    dt = np.int32 if inp.type == "tensor(int32)" else np.int64
-    emb = sess.run(None, {inp.name: ids.astype(dt)})[0].astype(np.float64)
-    n = len(old_texts)
-    old_embs, new_embs = emb[:n], emb[n:]
 
-    # alignment (diffusers' edit_model): destination position of every source token
+def time_alignment(tok, old_texts: list[str], new_texts: list[str]) -> list[list[int]]:
+    """diffusers' edit_model alignment: for each pair, the destination position of every source position (77)."""
     a_id = tok.encode("a ")[1]
-    idxs_replaces = []
+    maps = []
     for old_text, new_text in zip(old_texts, new_texts):
         tokens_a = [a_id if tok.decode(t) == "an" else t for t in tok(old_text).input_ids]
         tokens_b = [a_id if tok.decode(t) == "an" else t for t in tok(new_text).input_ids]
@@ -121,16 +100,49 @@ def python_route(unet_path: str, out_dir: str) -> None:
             j += 1
         while len(idxs) < 77:
             idxs.append(76)
-        idxs_replaces.append(idxs)
+        maps.append(idxs)
+    return maps
 
-    # TIME: A = (λI + Σ c* cᵀ)(λI + Σ c cᵀ)⁻¹ over all 77 positions of every pair; W' = W A, i.e. W'ᵀ = Aᵀ Wᵀ
+
+def time_operator_t(old_embs, new_embs, maps):
+    """TIME in float64: Aᵀ for A = (λI + Σ c* cᵀ)(λI + Σ c cᵀ)⁻¹ over all 77 positions of every pair
+    (W' = W A, i.e. W'ᵀ = Aᵀ Wᵀ); old_embs and new_embs [pairs, 77, d]."""
+    import numpy as np
     c = old_embs.reshape(-1, old_embs.shape[-1])
-    c_star = np.concatenate([new_embs[p][idxs_replaces[p]] for p in range(n)])
+    c_star = np.concatenate([new_embs[p][maps[p]] for p in range(len(maps))])
     d = c.shape[1]
     m2 = LAMBDA * np.eye(d) + c.T @ c
     m1 = LAMBDA * np.eye(d) + c_star.T @ c
-    a = m1 @ np.linalg.inv(m2)
-    at = a.T
+    return (m1 @ np.linalg.inv(m2)).T
+
+
+# ======================================================================================
+# (C) the Python route, run as `bench_edit.py --python-route UNET OUTDIR` in a fresh process
+# ======================================================================================
+def python_route(unet_path: str, out_dir: str) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from transformers import CLIPTokenizer
+
+    unet_path = Path(unet_path)
+    model_dir = unet_path.parent.parent
+    tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+
+    old_texts, new_texts = augmented_prompts()
+
+    # text encoder, one batch of all 8 prompts
+    ids = tok(old_texts + new_texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="np").input_ids
+    sess = ort.InferenceSession(str(model_dir / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    dt = np.int32 if inp.type == "tensor(int32)" else np.int64
+    emb = sess.run(None, {inp.name: ids.astype(dt)})[0].astype(np.float64)
+    n = len(old_texts)
+    old_embs, new_embs = emb[:n], emb[n:]
+
+    at = time_operator_t(old_embs, new_embs, time_alignment(tok, old_texts, new_texts))
 
     # the UNet: load everything, replace the K/V initializers, save as diffusers' layout
     model = onnx.load(str(unet_path), load_external_data=True)

@@ -46,11 +46,7 @@ import _venv  # scripts/_venv.py: own venv (third_party/venv-fixtures), re-exec 
 
 REPO = _venv.REPO
 VENV = _venv.VENV
-SRC = "A pack of roses"
-DST = "A pack of blue roses"
 PROMPT = "A pack of roses"
-LAMBDA = 0.1
-AUGS = ["A photo of ", "An image of ", "A picture of "]  # diffusers' AUGS_CONST
 
 
 # ======================================================================================
@@ -82,41 +78,19 @@ def python_route(unet_path: str, out_dir: str) -> None:
     from onnx import numpy_helper
     from transformers import CLIPTokenizer
 
+    from bench_edit import augmented_prompts, time_alignment, time_operator_t
+
     unet_path = Path(unet_path)
     model_dir = unet_path.parent.parent
     tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
 
-    def base(t: str) -> str:
-        return "a" + t[1:] if t[:1] == "A" else t
-    old_texts = [SRC] + [a + base(SRC) for a in AUGS]
-    new_texts = [DST] + [a + base(DST) for a in AUGS]
+    old_texts, new_texts = augmented_prompts()
     started = time.perf_counter()
     emb = encode(model_dir, old_texts + new_texts)
     encoders_s = time.perf_counter() - started
+    # TIME's alignment with the first tokenizer (diffusers' edit_model), the solve in float64
     n = len(old_texts)
-    # TIME's alignment with the first tokenizer (diffusers' edit_model)
-    a_id = tok.encode("a ")[1]
-    maps = []
-    for old, new in zip(old_texts, new_texts):
-        ta = [a_id if tok.decode(t) == "an" else t for t in tok(old).input_ids]
-        tb = [a_id if tok.decode(t) == "an" else t for t in tok(new).input_ids]
-        idx, j = [], 0
-        for t in ta:
-            while tb[j] != t:
-                j += 1
-            idx.append(j)
-            j += 1
-        while j < 77:
-            idx.append(j)
-            j += 1
-        while len(idx) < 77:
-            idx.append(76)
-        maps.append(idx)
-    c = emb[:n].reshape(-1, emb.shape[-1])
-    c_star = np.concatenate([emb[n + p][maps[p]] for p in range(n)])
-    d = c.shape[1]
-    a = (LAMBDA * np.eye(d) + c_star.T @ c) @ np.linalg.inv(LAMBDA * np.eye(d) + c.T @ c)
-    at = a.T
+    at = time_operator_t(emb[:n], emb[n:], time_alignment(tok, old_texts, new_texts))
     model = onnx.load(str(unet_path), load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
     kv = [node.input[1] for node in model.graph.node
@@ -195,7 +169,7 @@ import statistics  # noqa: E402
 
 from _bench import (ANSI_RE, BIN, binary_env, build_time_onnx, loadavg, machine_facts, quiet_summary, rm,  # noqa: E402
                     say, verdict, write_section)
-from bench_edit import Contender, parse_split  # noqa: E402
+from bench_edit import DST, SRC, Contender, parse_split  # noqa: E402
 
 STEP_RE = re.compile(r"denoising steps: median ([0-9.]+) ms")
 
