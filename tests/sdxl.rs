@@ -444,3 +444,74 @@ fn a_float16_sdxl_vae_decodes_in_float32() {
     let img = g.generate(&emb, &p, &mut |_, _| {}).unwrap().pixels;
     assert!(img.iter().all(|v| v.is_finite()));
 }
+
+/// optimum writes SDXL's float16 UNet with its weights in `model.onnx_data`.
+/// On the CPU they are widened into memory and handed to ONNX Runtime
+/// (`pipeline::unet`), where the inline fixture's are widened in the model
+/// bytes: the same float32 computation, so the same images, and within the
+/// float16 bar of the reference.
+#[test]
+fn an_fp16_unet_with_external_weights_draws_what_the_inline_one_draws() {
+    let rt = Runtime::load().unwrap();
+    let dir = folder_of(&sdxl_parts(&["unet"]));
+    let unet = dir.path().join("unet");
+    common::with_external_data(&sdxl("fp16").join("unet/model.onnx"), &unet);
+    std::fs::copy(
+        sdxl("fp16").join("unet/config.json"),
+        unet.join("config.json"),
+    )
+    .unwrap();
+    let index = json("goldens/sdxl/generations/index.json");
+    let latents = npy(&fixture("goldens/sdxl/generations/latents.npy"));
+    let mut inline = Generator::open(&rt, &sdxl("fp16"), None, cpu_threads(2)).unwrap();
+    let mut external = Generator::open(&rt, dir.path(), None, cpu_threads(2)).unwrap();
+    for run in index["runs"].as_array().unwrap() {
+        let p = params(&index, run, &latents);
+        let draw = |g: &mut Generator| {
+            let emb = g
+                .embed(index["prompt"].as_str().unwrap(), &p.negative_prompt)
+                .unwrap();
+            g.generate(&emb, &p, &mut |_, _| {})
+                .unwrap()
+                .pixels
+                .into_dyn()
+        };
+        let (a, b) = (draw(&mut inline), draw(&mut external));
+        let golden = npy(&fixture(&format!(
+            "goldens/sdxl/generations/{}",
+            run["file"].as_str().unwrap()
+        )));
+        let (same, off) = (max_abs_diff(&a, &b), max_abs_diff(&b, &golden));
+        eprintln!(
+            "{}: external vs inline {same:.2e}, vs reference {off:.2e}",
+            run["name"]
+        );
+        assert!(same <= 1e-5, "{}: {same:.2e}", run["name"]);
+        assert!(off <= 2e-2, "{}: {off:.2e}", run["name"]);
+    }
+}
+
+/// The widened model keeps each given weight's float16 location under a
+/// float32 type: if ONNX Runtime read the file instead of taking the value
+/// from memory, the lengths disagree and the session fails to open, rather
+/// than computing on the wrong bytes.
+#[test]
+fn a_widened_unet_opens_only_with_its_weights_given() {
+    use time_onnx::onnx::Model;
+    use time_onnx::onnx::upcast::to_float32_given;
+    let rt = Runtime::load().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::with_external_data(&sdxl("fp16").join("unet/model.onnx"), dir.path());
+    let path = dir.path().join("model.onnx");
+    let wide = to_float32_given(&Model::open(&path).unwrap()).unwrap();
+    assert!(wide.given.len() > 100, "{} given", wide.given.len());
+    let opened = |given| rt.open_bytes(&path, &wide.bytes, cpu_threads(2), given);
+    let err = opened(Vec::new())
+        .err()
+        .expect("opened on float16 bytes typed float32");
+    assert!(err.to_string().contains("size mismatch"), "{err}");
+    let given = to_float32_given(&Model::open(&path).unwrap())
+        .unwrap()
+        .given;
+    opened(given).unwrap();
+}

@@ -51,8 +51,10 @@ fn split_unets_predict_what_the_file_predicts() {
         let path = PathBuf::from(format!("{FIXTURES}/{flavour}/unet/model.onnx"));
         let split = split_text_projections(&Model::open(&path).unwrap()).unwrap();
         let mut whole = rt.open(&path, opts).unwrap();
-        let mut projections = rt.open_bytes(&path, &split.projections, opts).unwrap();
-        let mut rest = rt.open_bytes(&path, &split.unet, opts).unwrap();
+        let mut projections = rt
+            .open_bytes(&path, &split.projections, opts, Vec::new())
+            .unwrap();
+        let mut rest = rt.open_bytes(&path, &split.unet, opts, Vec::new()).unwrap();
 
         let sample = wave(&dims(&whole, "sample", &[2, 4, 16, 16]), 0.0);
         let hidden = wave(&dims(&whole, "encoder_hidden_states", &[2, 77, 16]), 1.0);

@@ -343,19 +343,7 @@ fn decode_f32(bytes: &[u8], dtype: DataType, tensor: &str) -> Result<Vec<f32>, W
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        DataType::Float16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
-            // Whole slices through F16C where the CPU has it.
-            Ok(bits) if cfg!(target_endian = "little") => {
-                let mut out = vec![0.0f32; bits.len()];
-                bits.reinterpret_cast::<f16>()
-                    .convert_to_f32_slice(&mut out);
-                out
-            }
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        },
+        DataType::Float16 => crate::onnx::f16_to_f32(bytes),
         DataType::BFloat16 => bytes
             .chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())

@@ -101,3 +101,48 @@ impl fmt::Display for DataType {
         f.write_str(name)
     }
 }
+
+/// Little-endian float16 bytes as f32 values (exact: every f16 is an f32),
+/// whole slices through F16C where the CPU has it; a trailing odd byte is
+/// ignored. The hot path of widening a float16 UNet's gigabytes.
+pub fn f16_to_f32(bytes: &[u8]) -> Vec<f32> {
+    use half::f16;
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+        Ok(bits) if cfg!(target_endian = "little") => {
+            let mut out = vec![0.0f32; bits.len()];
+            bits.reinterpret_cast::<f16>()
+                .convert_to_f32_slice(&mut out);
+            out
+        }
+        // Unaligned (or big-endian): one value at a time.
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+
+    #[test]
+    fn f16_bytes_widen_exactly_aligned_or_not() {
+        // 1.0, -2.0, 65504 (largest f16), smallest subnormal 2^-24, -0.0
+        let bits: [u16; 5] = [0x3c00, 0xc000, 0x7bff, 0x0001, 0x8000];
+        let want: Vec<u32> = [1.0f32, -2.0, 65504.0, 2f32.powi(-24), -0.0]
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let aligned: Vec<u16> = bits.to_vec();
+        let aligned: &[u8] = bytemuck::cast_slice(&aligned);
+        // The same bytes one byte into a buffer: never 2-aligned with the first.
+        let mut shifted = vec![0u8; aligned.len() + 1];
+        shifted[1..].copy_from_slice(aligned);
+        for bytes in [aligned, &shifted[1..]] {
+            let got: Vec<u32> = f16_to_f32(bytes).iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want);
+        }
+    }
+}

@@ -20,7 +20,7 @@ pub mod summary;
 pub mod upcast;
 mod wire;
 
-pub use dtype::DataType;
+pub use dtype::{DataType, f16_to_f32};
 pub use model::{Model, Storage, TensorInfo};
 pub use summary::Summary;
 

@@ -17,8 +17,12 @@
 use bytes::Bytes;
 use prost::Message;
 
-use super::proto::{AttributeProto, GraphProto, TensorProto, ValueInfoProto, type_proto};
-use super::{Model, OnnxError, wire};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::proto::{
+    AttributeProto, DATA_LOCATION_EXTERNAL, GraphProto, TensorProto, ValueInfoProto, type_proto,
+};
+use super::{Model, OnnxError, TensorInfo, f16_to_f32, wire};
 
 /// `TensorProto.DataType` FLOAT16 and FLOAT.
 const FP16: i32 = 10;
@@ -57,6 +61,110 @@ pub fn takes_fp16(model: &Model) -> bool {
 /// The bytes of `model` with every float16 tensor, type and cast widened to
 /// float32 (external weights read and inlined).
 pub fn to_float32(model: &Model) -> Result<Vec<u8>, UpcastError> {
+    check_rewritable(model)?;
+    let mut proto = model.proto().clone();
+    let graph = proto.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
+        path: model.path().to_path_buf(),
+    })?;
+    widen_graph(model, graph)?;
+    Ok(proto.encode_to_vec())
+}
+
+/// A float32 weight for ONNX Runtime to take from our memory
+/// (`AddInitializer`) instead of reading it from the model.
+pub struct Given {
+    /// The initializer it stands for.
+    pub name: String,
+    /// Its dimensions.
+    pub shape: Vec<usize>,
+    /// Its values, widened.
+    pub values: Vec<f32>,
+}
+
+/// A float16 model widened to float32, its big weights kept out of the bytes.
+pub struct Widened {
+    /// The model: types, casts and inline weights widened; each externally
+    /// stored float16 weight retyped float32 but still pointing at its
+    /// float16 bytes, whose length then disagrees with the type, so that
+    /// ONNX Runtime fails loudly if it ever reads the file instead of taking
+    /// the [`Given`] value (its "all" level does, for its NCHWc layouts).
+    pub bytes: Vec<u8>,
+    /// The externally stored float16 weights, widened.
+    pub given: Vec<Given>,
+}
+
+/// [`to_float32`] for models whose weights would not fit in one protobuf
+/// once widened (SDXL's float16 UNet holds 2.6 B weights): the externally
+/// stored ones are widened into memory on every core and handed over as
+/// [`Given`] values, so ONNX Runtime neither copies them nor folds casts of
+/// them at load.
+pub fn to_float32_given(model: &Model) -> Result<Widened, UpcastError> {
+    check_rewritable(model)?;
+    let mut proto = model.proto().clone();
+    let graph = proto.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
+        path: model.path().to_path_buf(),
+    })?;
+    let mut outside = Vec::new();
+    for t in &mut graph.initializer {
+        if t.data_type == FP16 && t.data_location == DATA_LOCATION_EXTERNAL {
+            outside.push(model.tensor_info(t)?);
+            t.data_type = FP32;
+        }
+    }
+    widen_graph(model, graph)?;
+    let given = widen_in_memory(model, outside)?;
+    Ok(Widened {
+        bytes: proto.encode_to_vec(),
+        given,
+    })
+}
+
+/// The float16 tensors `infos` widened, split across the cores.
+fn widen_in_memory(model: &Model, infos: Vec<TensorInfo>) -> Result<Vec<Given>, OnnxError> {
+    let sources = infos
+        .iter()
+        .map(|i| model.tensor_bytes(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let next = AtomicUsize::new(0);
+    let mut values: Vec<Vec<f32>> = vec![Vec::new(); infos.len()];
+    let done = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(src) = sources.get(i) else {
+                            return mine;
+                        };
+                        mine.push((i, f16_to_f32(src)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Vec<_>>()
+    });
+    for (i, v) in done {
+        values[i] = v;
+    }
+    Ok(infos
+        .into_iter()
+        .zip(values)
+        .map(|(info, values)| Given {
+            name: info.name,
+            shape: info.shape,
+            values,
+        })
+        .collect())
+}
+
+/// Refuses models with parts that a decode-and-encode with our schema
+/// would drop.
+fn check_rewritable(model: &Model) -> Result<(), UpcastError> {
     let unsupported = |why: String| UpcastError::Unsupported {
         path: model.path().to_path_buf(),
         why,
@@ -78,12 +186,7 @@ pub fn to_float32(model: &Model) -> Result<Vec<u8>, UpcastError> {
             )));
         }
     }
-    let mut proto = model.proto().clone();
-    let graph = proto.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
-        path: model.path().to_path_buf(),
-    })?;
-    widen_graph(model, graph)?;
-    Ok(proto.encode_to_vec())
+    Ok(())
 }
 
 fn widen_graph(model: &Model, graph: &mut GraphProto) -> Result<(), OnnxError> {
@@ -147,19 +250,15 @@ fn widen_tensor(model: &Model, t: &mut TensorProto) -> Result<(), OnnxError> {
     if t.data_type != FP16 {
         return Ok(());
     }
-    let halves: Vec<u16> = if !t.int32_data.is_empty() {
-        t.int32_data.iter().map(|&v| v as u16).collect()
-    } else {
-        let info = model.tensor_info(t)?;
-        let raw = model.tensor_bytes(&info)?;
-        raw.chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    let values: Vec<f32> = if !t.int32_data.is_empty() {
+        t.int32_data
+            .iter()
+            .map(|&v| half::f16::from_bits(v as u16).to_f32())
             .collect()
+    } else {
+        f16_to_f32(&model.tensor_bytes(&model.tensor_info(t)?)?)
     };
-    let wide: Vec<u8> = halves
-        .into_iter()
-        .flat_map(|h| half::f16::from_bits(h).to_f32().to_le_bytes())
-        .collect();
+    let wide: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     t.data_type = FP32;
     t.int32_data.clear();
     t.external_data.clear();

@@ -18,8 +18,11 @@ use std::path::Path;
 use ndarray::{Array4, ArrayD, ArrayView4, Axis, IxDyn, Slice};
 
 use super::conditioning::{TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND, TextBatch};
+use bytes::Bytes;
+
 use crate::onnx::split::split_text_projections;
-use crate::onnx::{DataType, Model};
+use crate::onnx::upcast::to_float32_given;
+use crate::onnx::{DataType, Model, Storage};
 use crate::runtime::{
     Binding, ElementType, GraphOptimization, Runtime, Session, SessionError, SessionOptions,
 };
@@ -57,9 +60,10 @@ impl Unet {
     /// How many concurrent runs a batch of `rows` is split into: two halves
     /// on the CPU when both the threads and the rows split evenly (each run
     /// gets half the threads), one run otherwise, and one for a UNet that
-    /// stores float16 weights (`half`): ONNX Runtime folds its casts to
-    /// float32 at load on the session's threads, and one thread took 67 s
-    /// where two took 44 s for SDXL's, for steps no faster in halves.
+    /// stores float16 weights (`half`): SDXL's steps were slower in halves
+    /// once widened to float32 (3.6 s against 3.2 s at 256×256 on 2 cores),
+    /// and where ONNX Runtime folds its casts instead, it does so on the
+    /// session's threads (one thread took 67 s where two took 44 s).
     pub fn streams_for(threads: Option<usize>, on_cpu: bool, rows: usize, half: bool) -> usize {
         let threads = threads.unwrap_or_else(available_threads);
         if on_cpu && !half && threads >= 2 && threads.is_multiple_of(2) && rows.is_multiple_of(2) {
@@ -81,16 +85,12 @@ impl Unet {
         if streams > 1 {
             opts.threads = Some(opts.threads.unwrap_or_else(available_threads) / streams);
         }
-        let model = Model::open(path);
-        if rt.on_cpu(opts) && model.as_ref().is_ok_and(stores_fp16) {
-            // ONNX Runtime's CPU provider computes a float16 UNet through
-            // casts to float32. Below its "all" level they are not folded:
-            // every call casts every weight again (SDXL's at 256×256: 17 s a
-            // call, memory past 17 GB and growing); at "all" they are cast
-            // once at load (44 s, 13 GB) and a call takes 3.4 s.
-            opts.optimization = GraphOptimization::All;
-        }
-        let (session, projections) = open_split(rt, path, model, opts)?;
+        let (session, projections) = match Model::open(path) {
+            Ok(model) if rt.on_cpu(opts) && stores_fp16(&model) => {
+                open_fp16_on_cpu(rt, path, model, opts)?
+            }
+            model => open_split(rt, path, model, opts)?,
+        };
         let role = "the UNet";
         session.tensor_input("sample", role)?;
         let timestep = session.tensor_input("timestep", role)?;
@@ -258,6 +258,125 @@ impl Unet {
     }
 }
 
+/// Memory a widened float16 UNet needs free, per byte of its float32
+/// weights: ours, ONNX Runtime's pre-packed copies of the matrix-product
+/// ones, and room for the rest. Measured on SDXL's (9.6 GiB of float32
+/// weights): peak RSS 18.6 GiB, 1.95 times.
+const WIDENED_MEMORY_PER_BYTE: f64 = 2.1;
+
+/// Largest model ONNX Runtime parses: a protobuf stops at 2 GiB, so
+/// float16 weights stored inside the model file can only be widened in place
+/// up to a little under half that.
+const MAX_PROTOBUF: u64 = (2 << 30) - (64 << 20);
+
+/// A float16 UNet on the CPU, where ONNX Runtime computes it through casts
+/// to float32. Below its "all" level the casts of the weights are not
+/// folded: every call casts every weight again (SDXL's at 256×256: 17 s a
+/// call, memory past 17 GB and growing); at "all" they are cast once at load
+/// (44 s for SDXL's, 12.7 GiB peak) and a call takes 3.2–3.6 s. Widening the
+/// weights ourselves, on every core, and handing them over from memory is
+/// faster still, when the memory is there ([`open_widened`]); otherwise, or
+/// if ONNX Runtime refuses, the "all" level it is.
+fn open_fp16_on_cpu(
+    rt: &Runtime,
+    path: &Path,
+    model: Model,
+    mut opts: SessionOptions,
+) -> Result<(Session, Option<TextProjections>), SessionError> {
+    match open_widened(rt, path, model, opts) {
+        Ok(opened) => return Ok(opened),
+        Err(why) => tracing::debug!(
+            "{}: float16 casts left to ONNX Runtime: {why}",
+            path.display()
+        ),
+    }
+    opts.optimization = GraphOptimization::All;
+    open_split(rt, path, Model::open(path), opts)
+}
+
+/// The float16 UNet `model` computed in float32 from weights we widened
+/// ([`to_float32_given`]), split at its text projections when it can be,
+/// at the "extended" level (ONNX Runtime's "all" level would read the
+/// weights from the file for its NCHWc layouts, which the widened model
+/// refuses).
+fn open_widened(
+    rt: &Runtime,
+    path: &Path,
+    model: Model,
+    mut opts: SessionOptions,
+) -> Result<(Session, Option<TextProjections>), String> {
+    let (inline, external) = fp16_bytes(&model).map_err(|e| e.to_string())?;
+    if 2 * inline > MAX_PROTOBUF {
+        return Err(format!(
+            "{:.1} GiB of float16 weights inside the model file would not fit in one protobuf widened",
+            gib(inline)
+        ));
+    }
+    let wide = 2 * (inline + external);
+    let need = (wide as f64 * WIDENED_MEMORY_PER_BYTE) as u64;
+    if let Some(free) = super::memory::available().filter(|&free| free < need) {
+        return Err(format!(
+            "{:.1} GiB of float32 weights need {:.1} GiB free, {:.1} GiB is",
+            gib(wide),
+            gib(need),
+            gib(free)
+        ));
+    }
+    opts.optimization = GraphOptimization::Extended;
+    let widen = |m: &Model| to_float32_given(m).map_err(|e| e.to_string());
+    let (halves, products) = match split_text_projections(&model) {
+        Ok(split) => {
+            let half = |bytes: Vec<u8>| {
+                Model::from_bytes(path, Bytes::from(bytes))
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| widen(&m))
+            };
+            let unet = half(split.unet)?;
+            (vec![unet, half(split.projections)?], Some(split.products))
+        }
+        Err(why) => {
+            tracing::debug!("{}: runs whole ({why})", path.display());
+            (vec![widen(&model)?], None)
+        }
+    };
+    // The float16 file's pages go before ONNX Runtime allocates its own.
+    drop(model);
+    let mut sessions = halves.into_iter().map(|w| {
+        rt.open_bytes(path, &w.bytes, opts, w.given)
+            .map_err(|e| e.to_string())
+    });
+    let unet = sessions.next().ok_or("no model")??;
+    let projections = match (sessions.next(), products) {
+        (Some(session), Some(products)) => Some(TextProjections {
+            session: session?,
+            products,
+        }),
+        _ => None,
+    };
+    Ok((unet, projections))
+}
+
+/// Bytes of the model's float16 initializers stored inside its file and
+/// outside it.
+fn fp16_bytes(model: &Model) -> Result<(u64, u64), crate::onnx::OnnxError> {
+    let (mut inline, mut external) = (0, 0);
+    for t in &model.graph()?.initializer {
+        if DataType::from_i32(t.data_type) != DataType::Float16 {
+            continue;
+        }
+        let info = model.tensor_info(t)?;
+        match info.storage {
+            Storage::External { .. } => external += info.nbytes,
+            _ => inline += info.nbytes,
+        }
+    }
+    Ok((inline, external))
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
+
 /// The UNet split at its text K/V projections when we can; anything
 /// unexpected on the way (a graph the rewrite is not sure about, ONNX Runtime
 /// refusing a half) leaves it whole, as exported.
@@ -271,7 +390,10 @@ fn open_split(
         .map_err(|e| e.to_string())
         .and_then(|m| split_text_projections(&m).map_err(|e| e.to_string()))
         .and_then(|split| {
-            let open = |bytes: &[u8]| rt.open_bytes(path, bytes, opts).map_err(|e| e.to_string());
+            let open = |bytes: &[u8]| {
+                rt.open_bytes(path, bytes, opts, Vec::new())
+                    .map_err(|e| e.to_string())
+            };
             let projections = TextProjections {
                 session: open(&split.projections)?,
                 products: split.products,

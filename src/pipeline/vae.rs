@@ -33,7 +33,7 @@ impl VaeDecoder {
                     why: format!("the float16 VAE decoder must run in float32: {e}"),
                 })?;
                 tracing::info!("{}: float16 VAE decoder run in float32", path.display());
-                rt.open_bytes(path, &wide, opts)?
+                rt.open_bytes(path, &wide, opts, Vec::new())?
             }
             _ => rt.open(path, opts)?,
         };

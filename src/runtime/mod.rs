@@ -10,6 +10,8 @@ pub use session::{Binding, ElementType, Outputs, Port, Session, Value};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use crate::onnx::upcast::Given;
+
 /// A loaded ONNX Runtime and its environment; sessions are created from it.
 /// Cloning shares the environment and the device decision.
 #[derive(Clone)]
@@ -203,23 +205,31 @@ impl Runtime {
 
     /// Opens a session for a model held in memory, `bytes`, derived from the
     /// file `path`: its external data is read from `path`'s folder, and errors
-    /// name `path`.
+    /// name `path`. The `given` weights are handed to ONNX Runtime as they
+    /// are, not copied (`AddInitializer`), and live as long as the session.
     pub fn open_bytes(
         &self,
         path: &Path,
         bytes: &[u8],
         opts: SessionOptions,
+        given: Vec<Given>,
     ) -> Result<Session, SessionError> {
+        let err = |e: ort::Error| ort_error(path, e);
         let folder = crate::staged::folder_of(path);
-        let inner = self
+        let mut builder = self
             .builder(path, opts)?
             .with_config_entry(
                 "session.model_external_initializers_file_folder_path",
                 folder.to_string_lossy(),
             )
-            .map_err(|e| ort_error(path, e.into()))?
-            .commit_from_memory(bytes)
-            .map_err(|source| ort_error(path, source))?;
+            .map_err(|e| err(e.into()))?;
+        for g in given {
+            let value = ort::value::Tensor::from_array((g.shape, g.values)).map_err(err)?;
+            builder = builder
+                .with_initializer(&g.name, value.into_dyn())
+                .map_err(|e| err(e.into()))?;
+        }
+        let inner = builder.commit_from_memory(bytes).map_err(err)?;
         Ok(Session::new(path, inner))
     }
 

@@ -179,3 +179,35 @@ pub fn sdxl_parts(except: &[&str]) -> Vec<(&'static str, PathBuf)> {
     .map(|p| (p, fixture("sdxl-tiny/optimum").join(p)))
     .collect()
 }
+
+/// A copy of the model at `src` in the folder `dst`, every initializer
+/// stored in `dst/model.onnx_data` (64-byte aligned, as ONNX's saver does
+/// not promise but optimum's large exports have), the layout of optimum's
+/// SDXL exports, which the fixtures are too small to have.
+pub fn with_external_data(src: &Path, dst: &Path) {
+    use prost::Message;
+    use time_onnx::onnx::proto::{DATA_LOCATION_EXTERNAL, ModelProto, StringStringEntryProto};
+    let mut proto = ModelProto::decode(std::fs::read(src).unwrap().as_slice()).unwrap();
+    let mut data = Vec::new();
+    for t in &mut proto.graph.as_mut().unwrap().initializer {
+        if t.raw_data.is_empty() {
+            continue;
+        }
+        data.resize(data.len().next_multiple_of(64), 0);
+        let entry = |key: &str, value: String| StringStringEntryProto {
+            key: key.into(),
+            value,
+        };
+        t.external_data = vec![
+            entry("location", "model.onnx_data".into()),
+            entry("offset", data.len().to_string()),
+            entry("length", t.raw_data.len().to_string()),
+        ];
+        data.extend_from_slice(&t.raw_data);
+        t.raw_data = Default::default();
+        t.data_location = DATA_LOCATION_EXTERNAL;
+    }
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::write(dst.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    std::fs::write(dst.join("model.onnx_data"), data).unwrap();
+}
