@@ -285,8 +285,8 @@ fn open_fp16_on_cpu(
 ) -> Result<(Session, Option<TextProjections>), SessionError> {
     match open_widened(rt, path, model, opts) {
         Ok(opened) => return Ok(opened),
-        Err(why) => tracing::debug!(
-            "{}: float16 casts left to ONNX Runtime: {why}",
+        Err(why) => tracing::info!(
+            "{}: float16 weights widened by ONNX Runtime at load, the slower way: {why}",
             path.display()
         ),
     }
