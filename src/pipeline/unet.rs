@@ -21,7 +21,7 @@ use super::conditioning::{TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND, TextBatch};
 use bytes::Bytes;
 
 use crate::onnx::split::split_text_projections;
-use crate::onnx::upcast::to_float32_given;
+use crate::onnx::upcast::{Widened, to_float32_given};
 use crate::onnx::{DataType, Model, Storage};
 use crate::runtime::{
     Binding, ElementType, GraphOptimization, Runtime, Session, SessionError, SessionOptions,
@@ -341,12 +341,23 @@ fn open_widened(
     };
     // The float16 file's pages go before ONNX Runtime allocates its own.
     drop(model);
-    let mut sessions = halves.into_iter().map(|w| {
+    let open = |w: Widened| {
         rt.open_bytes(path, &w.bytes, opts, w.given)
             .map_err(|e| e.to_string())
+    };
+    // ONNX Runtime builds a session on one thread: the projections' is built
+    // beside the UNet's.
+    let mut halves = halves.into_iter();
+    let (unet, projections) = (halves.next(), halves.next());
+    let (unet, projections) = std::thread::scope(|s| {
+        let projections = projections.map(|w| s.spawn(|| open(w)));
+        let unet = unet.map(open);
+        let projections =
+            projections.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        (unet, projections)
     });
-    let unet = sessions.next().ok_or("no model")??;
-    let projections = match (sessions.next(), products) {
+    let unet = unet.ok_or("no model")??;
+    let projections = match (projections, products) {
         (Some(session), Some(products)) => Some(TextProjections {
             session: session?,
             products,
