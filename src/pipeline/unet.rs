@@ -91,6 +91,16 @@ impl Unet {
             }
             model => open_split(rt, path, model, opts)?,
         };
+        Self::from_sessions(session, projections, streams)
+    }
+
+    /// The UNet of `session` (and its split-off `projections`), its
+    /// interface checked.
+    fn from_sessions(
+        session: Session,
+        projections: Option<TextProjections>,
+        streams: usize,
+    ) -> Result<Self, SessionError> {
         let role = "the UNet";
         session.tensor_input("sample", role)?;
         let timestep = session.tensor_input("timestep", role)?;
@@ -306,21 +316,8 @@ fn open_widened(
     mut opts: SessionOptions,
 ) -> Result<(Session, Option<TextProjections>), String> {
     let (inline, external) = fp16_bytes(&model).map_err(|e| e.to_string())?;
-    if 2 * inline > MAX_PROTOBUF {
-        return Err(format!(
-            "{:.1} GiB of float16 weights inside the model file would not fit in one protobuf widened",
-            gib(inline)
-        ));
-    }
-    let wide = 2 * (inline + external);
-    let need = (wide as f64 * WIDENED_MEMORY_PER_BYTE) as u64;
-    if let Some(free) = super::memory::available().filter(|&free| free < need) {
-        return Err(format!(
-            "{:.1} GiB of float32 weights need {:.1} GiB free, {:.1} GiB is",
-            gib(wide),
-            gib(need),
-            gib(free)
-        ));
+    if let Some(why) = widening_refused(inline, external, super::memory::available()) {
+        return Err(why);
     }
     opts.optimization = GraphOptimization::Extended;
     let widen = |m: &Model| to_float32_given(m).map_err(|e| e.to_string());
@@ -365,6 +362,26 @@ fn open_widened(
         _ => None,
     };
     Ok((unet, projections))
+}
+
+/// Why a UNet with `inline` and `external` bytes of float16 weights is not
+/// widened when `free` bytes of memory are available (`None`: unknown).
+fn widening_refused(inline: u64, external: u64, free: Option<u64>) -> Option<String> {
+    if 2 * inline > MAX_PROTOBUF {
+        return Some(format!(
+            "{:.1} GiB of float16 weights inside the model file would not fit in one protobuf widened",
+            gib(inline)
+        ));
+    }
+    let wide = 2 * (inline + external);
+    let need = (wide as f64 * WIDENED_MEMORY_PER_BYTE) as u64;
+    let free = free.filter(|&free| free < need)?;
+    Some(format!(
+        "{:.1} GiB of float32 weights need {:.1} GiB free, {:.1} GiB is",
+        gib(wide),
+        gib(need),
+        gib(free)
+    ))
 }
 
 /// Bytes of the model's float16 initializers stored inside its file and
@@ -459,7 +476,83 @@ fn available_threads() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::Unet;
+    use super::*;
+    use crate::pipeline::conditioning::TextBatch;
+    use crate::runtime::Device;
+    use ndarray::{Array2, Array3};
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn widening_needs_the_memory_and_a_protobuf_that_holds_the_inline_weights() {
+        // SDXL's float16 UNet: 4.78 GiB outside the model file.
+        let sdxl = (4.78 * GIB as f64) as u64;
+        assert_eq!(widening_refused(0, sdxl, Some(22 * GIB)), None);
+        assert_eq!(widening_refused(0, sdxl, None), None, "unknown: try");
+        let short = widening_refused(0, sdxl, Some(16 * GIB)).unwrap();
+        assert!(short.contains("need 20.1 GiB free, 16.0 GiB is"), "{short}");
+        // SD 1.5's single-file float16 UNet: 1.6 GiB inside the file.
+        let inside = widening_refused(16 * GIB / 10, 0, Some(64 * GIB)).unwrap();
+        assert!(inside.contains("would not fit in one protobuf"), "{inside}");
+        assert_eq!(widening_refused(GIB / 2, 0, Some(64 * GIB)), None);
+    }
+
+    /// The two routes for a float16 UNet on the CPU (ours widens the weights,
+    /// the fallback lets ONNX Runtime fold its casts) compute the same
+    /// prediction but for ONNX Runtime's float16 rounding between operators.
+    #[test]
+    fn the_fallback_for_float16_predicts_what_the_widened_unet_does() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sdxl-tiny/fp16/unet/model.onnx"
+        ));
+        let rt = Runtime::load().unwrap();
+        let opts = SessionOptions {
+            device: Device::Cpu,
+            threads: Some(2),
+            ..SessionOptions::default()
+        };
+        let (s, p) = open_widened(&rt, path, Model::open(path).unwrap(), opts).unwrap();
+        let mut widened = Unet::from_sessions(s, p, 1).unwrap();
+        let all = SessionOptions {
+            optimization: GraphOptimization::All,
+            ..opts
+        };
+        let (s, p) = open_split(&rt, path, Model::open(path), all).unwrap();
+        let mut folded = Unet::from_sessions(s, p, 1).unwrap();
+        let dims = |name: &str| Model::open(path).unwrap().input_dims(name).unwrap();
+        let (d, pooled) = (dims(TEXT)[2].unwrap(), dims(TEXT_EMBEDS)[1].unwrap());
+        let wave = |i: usize| ((i as f32) * 0.37).sin();
+        let batch = TextBatch {
+            hidden: Array3::from_shape_fn((2, 77, d), |(b, t, k)| wave(b * 9_000 + t * 97 + k)),
+            text_embeds: Some(Array2::from_shape_fn((2, pooled), |(b, k)| {
+                wave(b * 500 + k + 7)
+            })),
+            time_ids: Some(Array2::from_shape_fn((2, 6), |(_, k)| {
+                [128., 128., 0., 0., 128., 128.][k]
+            })),
+            timestep_cond: None,
+        };
+        let sample = Array4::from_shape_fn((2, 4, 16, 16), |(b, c, y, x)| {
+            wave(b * 4_000 + c * 300 + y * 17 + x)
+        });
+        let predict = |u: &mut Unet| {
+            u.bind(&batch).unwrap();
+            u.predict(sample.view(), 999.0).unwrap()
+        };
+        let (a, b) = (predict(&mut widened), predict(&mut folded));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let off = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            scale > 0.1 && a.iter().all(|v| v.is_finite()),
+            "scale {scale}"
+        );
+        eprintln!("widened vs folded: {off:.2e} of {scale:.2e}");
+        assert!(off <= 1e-2 * scale, "{off} against {scale}");
+    }
 
     #[test]
     fn batches_split_in_two_only_on_the_cpu_with_even_threads_and_rows() {
