@@ -497,21 +497,32 @@ fn an_fp16_unet_with_external_weights_draws_what_the_inline_one_draws() {
 /// than computing on the wrong bytes.
 #[test]
 fn a_widened_unet_opens_only_with_its_weights_given() {
+    use prost::Message;
     use time_onnx::onnx::Model;
+    use time_onnx::onnx::proto::ModelProto;
     use time_onnx::onnx::upcast::to_float32_given;
     let rt = Runtime::load().unwrap();
     let dir = tempfile::tempdir().unwrap();
     common::with_external_data(&sdxl("fp16").join("unet/model.onnx"), dir.path());
     let path = dir.path().join("model.onnx");
-    let wide = to_float32_given(&Model::open(&path).unwrap()).unwrap();
-    assert!(wide.given.len() > 100, "{} given", wide.given.len());
-    let opened = |given| rt.open_bytes(&path, &wide.bytes, cpu_threads(2), given);
-    let err = opened(Vec::new())
-        .err()
-        .expect("opened on float16 bytes typed float32");
-    assert!(err.to_string().contains("size mismatch"), "{err}");
-    let given = to_float32_given(&Model::open(&path).unwrap())
-        .unwrap()
-        .given;
-    opened(given).unwrap();
+    // With each weight's "length" written (optimum's exports) and without
+    // (the ONNX format lets it be left out).
+    for with_lengths in [true, false] {
+        if !with_lengths {
+            let mut proto = ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+            for t in &mut proto.graph.as_mut().unwrap().initializer {
+                t.external_data.retain(|e| e.key != "length");
+            }
+            std::fs::write(&path, proto.encode_to_vec()).unwrap();
+        }
+        let widen = || to_float32_given(&Model::open(&path).unwrap()).unwrap();
+        let wide = widen();
+        assert!(wide.given.len() > 100, "{} given", wide.given.len());
+        let opened = |given| rt.open_bytes(&path, &wide.bytes, cpu_threads(2), given);
+        let err = opened(Vec::new())
+            .err()
+            .expect("opened on float16 bytes typed float32");
+        assert!(err.to_string().contains("size mismatch"), "{err}");
+        opened(widen().given).unwrap();
+    }
 }

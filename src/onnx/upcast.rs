@@ -20,7 +20,8 @@ use prost::Message;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::proto::{
-    AttributeProto, DATA_LOCATION_EXTERNAL, GraphProto, TensorProto, ValueInfoProto, type_proto,
+    AttributeProto, DATA_LOCATION_EXTERNAL, GraphProto, StringStringEntryProto, TensorProto,
+    ValueInfoProto, type_proto,
 };
 use super::{Model, OnnxError, TensorInfo, f16_to_f32, wire};
 
@@ -107,8 +108,17 @@ pub fn to_float32_given(model: &Model) -> Result<Widened, UpcastError> {
     let mut outside = Vec::new();
     for t in &mut graph.initializer {
         if t.data_type == FP16 && t.data_location == DATA_LOCATION_EXTERNAL {
-            outside.push(model.tensor_info(t)?);
+            let info = model.tensor_info(t)?;
             t.data_type = FP32;
+            // A location without a length would be read at the float32
+            // size, silently: write the float16 one down.
+            if !t.external_data.iter().any(|e| e.key == "length") {
+                t.external_data.push(StringStringEntryProto {
+                    key: "length".into(),
+                    value: info.nbytes.to_string(),
+                });
+            }
+            outside.push(info);
         }
     }
     widen_graph(model, graph)?;
