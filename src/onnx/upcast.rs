@@ -137,8 +137,8 @@ fn widen_in_memory(model: &Model, infos: Vec<TensorInfo>) -> Result<Vec<Given>, 
         .collect::<Result<Vec<_>, _>>()?;
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let next = AtomicUsize::new(0);
-    let mut values: Vec<Vec<f32>> = vec![Vec::new(); infos.len()];
-    let done = std::thread::scope(|s| {
+    // Each worker takes the next tensor until none is left.
+    let mut values: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -156,15 +156,13 @@ fn widen_in_memory(model: &Model, infos: Vec<TensorInfo>) -> Result<Vec<Given>, 
         workers
             .into_iter()
             .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect::<Vec<_>>()
+            .collect()
     });
-    for (i, v) in done {
-        values[i] = v;
-    }
+    values.sort_unstable_by_key(|&(i, _)| i);
     Ok(infos
         .into_iter()
         .zip(values)
-        .map(|(info, values)| Given {
+        .map(|(info, (_, values))| Given {
             name: info.name,
             shape: info.shape,
             values,
