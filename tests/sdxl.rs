@@ -492,9 +492,10 @@ fn an_fp16_unet_with_external_weights_draws_what_the_inline_one_draws() {
 }
 
 /// The widened model keeps each given weight's float16 location under a
-/// float32 type: if ONNX Runtime read the file instead of taking the value
-/// from memory, the lengths disagree and the session fails to open, rather
-/// than computing on the wrong bytes.
+/// float32 type (for a weight stored inside the model file, a location in
+/// that file with the float16 length): if ONNX Runtime read the file instead
+/// of taking the value from memory, the lengths disagree and the session
+/// fails to open, rather than computing on the wrong bytes.
 #[test]
 fn a_widened_unet_opens_only_with_its_weights_given() {
     use prost::Message;
@@ -503,22 +504,27 @@ fn a_widened_unet_opens_only_with_its_weights_given() {
     use time_onnx::onnx::upcast::to_float32_given;
     let rt = Runtime::load().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    common::with_external_data(&sdxl("fp16").join("unet/model.onnx"), dir.path());
-    let path = dir.path().join("model.onnx");
-    // With each weight's "length" written (optimum's exports) and without
-    // (the ONNX format lets it be left out).
-    for with_lengths in [true, false] {
-        if !with_lengths {
-            let mut proto = ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    let inline = sdxl("fp16").join("unet/model.onnx");
+    common::with_external_data(&inline, dir.path());
+    let external = dir.path().join("model.onnx");
+    // Weights inside the file; outside it with each weight's "length"
+    // written (optimum's exports) and without (the ONNX format lets it be
+    // left out).
+    for (path, lengths) in [(&inline, true), (&external, true), (&external, false)] {
+        if !lengths {
+            let mut proto = ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
             for t in &mut proto.graph.as_mut().unwrap().initializer {
                 t.external_data.retain(|e| e.key != "length");
             }
-            std::fs::write(&path, proto.encode_to_vec()).unwrap();
+            std::fs::write(path, proto.encode_to_vec()).unwrap();
         }
-        let widen = || to_float32_given(&Model::open(&path).unwrap()).unwrap();
+        let widen = || to_float32_given(&Model::open(path).unwrap(), 2).unwrap();
         let wide = widen();
         assert!(wide.given.len() > 100, "{} given", wide.given.len());
-        let opened = |given| rt.open_bytes(&path, &wide.bytes, cpu_threads(2), given);
+        // Smaller than the float16 model: the given weights are not in it.
+        let narrow = std::fs::metadata(&inline).unwrap().len() as usize;
+        assert!(wide.bytes.len() < narrow, "{} bytes", wide.bytes.len());
+        let opened = |given| rt.open_bytes(path, &wide.bytes, cpu_threads(2), given);
         let err = opened(Vec::new())
             .err()
             .expect("opened on float16 bytes typed float32");

@@ -23,7 +23,7 @@ use super::proto::{
     AttributeProto, DATA_LOCATION_EXTERNAL, GraphProto, StringStringEntryProto, TensorProto,
     ValueInfoProto, type_proto,
 };
-use super::{Model, OnnxError, TensorInfo, f16_to_f32, wire};
+use super::{Model, OnnxError, Storage, TensorInfo, f16_to_f32, wire};
 
 /// `TensorProto.DataType` FLOAT16 and FLOAT.
 const FP16: i32 = 10;
@@ -84,62 +84,98 @@ pub struct Given {
 
 /// A float16 model widened to float32, its big weights kept out of the bytes.
 pub struct Widened {
-    /// The model: types, casts and inline weights widened; each externally
-    /// stored float16 weight retyped float32 but still pointing at its
-    /// float16 bytes, whose length then disagrees with the type, so that
-    /// ONNX Runtime fails loudly if it ever reads the file instead of taking
-    /// the [`Given`] value (its "all" level does, for its NCHWc layouts).
+    /// The model: types, casts and small weights widened; each big float16
+    /// weight retyped float32 but left pointing at float16 bytes in a file
+    /// (its own external ones, or the model file for one stored inside it),
+    /// whose length then disagrees with the type, so that ONNX Runtime fails
+    /// loudly if it ever reads the file instead of taking the [`Given`] value
+    /// (its "all" level does, for its NCHWc layouts).
     pub bytes: Vec<u8>,
-    /// The externally stored float16 weights, widened.
+    /// The big float16 weights, widened.
     pub given: Vec<Given>,
 }
 
+/// Smallest float16 weight stored inside the model that is handed over
+/// rather than widened in its bytes: ONNX's own threshold for moving a
+/// tensor to external data, so inline and external exports give the same
+/// weights.
+const GIVEN_INLINE_MIN: u64 = 1024;
+
 /// [`to_float32`] for models whose weights would not fit in one protobuf
-/// once widened (SDXL's float16 UNet holds 2.6 B weights): the externally
-/// stored ones are widened into memory on every core and handed over as
-/// [`Given`] values, so ONNX Runtime neither copies them nor folds casts of
-/// them at load.
-pub fn to_float32_given(model: &Model) -> Result<Widened, UpcastError> {
+/// once widened (SDXL's float16 UNet holds 2.6 B weights, SD 1.5's
+/// single-file one 0.9 B): every float16 weight of 1 KiB or more is widened
+/// into memory on `threads` threads and handed over as a [`Given`] value, so
+/// ONNX Runtime neither copies it nor folds casts of it at load.
+pub fn to_float32_given(model: &Model, threads: usize) -> Result<Widened, UpcastError> {
     check_rewritable(model)?;
     let mut proto = model.proto().clone();
     let graph = proto.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
         path: model.path().to_path_buf(),
     })?;
-    let mut outside = Vec::new();
+    let own_file = model
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut handed = Vec::new();
     for t in &mut graph.initializer {
-        if t.data_type == FP16 && t.data_location == DATA_LOCATION_EXTERNAL {
-            let info = model.tensor_info(t)?;
-            t.data_type = FP32;
-            // A location without a length would be read at the float32
-            // size, silently: write the float16 one down.
-            if !t.external_data.iter().any(|e| e.key == "length") {
-                t.external_data.push(StringStringEntryProto {
-                    key: "length".into(),
-                    value: info.nbytes.to_string(),
-                });
-            }
-            outside.push(info);
+        if t.data_type != FP16 {
+            continue;
         }
+        let info = model.tensor_info(t)?;
+        let length = StringStringEntryProto {
+            key: "length".into(),
+            value: info.nbytes.to_string(),
+        };
+        match info.storage {
+            Storage::External { .. } => {
+                // A location without a length would be read at the float32
+                // size, silently: write the float16 one down.
+                if !t.external_data.iter().any(|e| e.key == "length") {
+                    t.external_data.push(length);
+                }
+            }
+            Storage::Inline { .. } if info.nbytes >= GIVEN_INLINE_MIN => {
+                let entry = |key: &str, value: String| StringStringEntryProto {
+                    key: key.into(),
+                    value,
+                };
+                t.raw_data = Bytes::new();
+                t.data_location = DATA_LOCATION_EXTERNAL;
+                t.external_data = vec![
+                    entry("location", own_file.clone()),
+                    entry("offset", "0".into()),
+                    length,
+                ];
+            }
+            // Small or typed: widened in the bytes below.
+            _ => continue,
+        }
+        t.data_type = FP32;
+        handed.push(info);
     }
     widen_graph(model, graph)?;
-    let given = widen_in_memory(model, outside)?;
+    let given = widen_in_memory(model, handed, threads)?;
     Ok(Widened {
         bytes: proto.encode_to_vec(),
         given,
     })
 }
 
-/// The float16 tensors `infos` widened, split across the cores.
-fn widen_in_memory(model: &Model, infos: Vec<TensorInfo>) -> Result<Vec<Given>, OnnxError> {
+/// The float16 tensors `infos` widened, split across `threads` threads.
+fn widen_in_memory(
+    model: &Model,
+    infos: Vec<TensorInfo>,
+    threads: usize,
+) -> Result<Vec<Given>, OnnxError> {
     let sources = infos
         .iter()
         .map(|i| model.tensor_bytes(i))
         .collect::<Result<Vec<_>, _>>()?;
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let next = AtomicUsize::new(0);
     // Each worker takes the next tensor until none is left.
     let mut values: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
+        let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 s.spawn(|| {
                     let mut mine = Vec::new();

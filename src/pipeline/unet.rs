@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use crate::onnx::split::split_text_projections;
 use crate::onnx::upcast::{Widened, to_float32_given};
-use crate::onnx::{DataType, Model, Storage};
+use crate::onnx::{DataType, Model};
 use crate::runtime::{
     Binding, ElementType, GraphOptimization, Runtime, Session, SessionError, SessionOptions,
 };
@@ -274,17 +274,12 @@ impl Unet {
 /// weights): peak RSS 18.6 GiB, 1.95 times.
 const WIDENED_MEMORY_PER_BYTE: f64 = 2.1;
 
-/// Largest model ONNX Runtime parses: a protobuf stops at 2 GiB, so
-/// float16 weights stored inside the model file can only be widened in place
-/// up to a little under half that.
-const MAX_PROTOBUF: u64 = (2 << 30) - (64 << 20);
-
 /// A float16 UNet on the CPU, where ONNX Runtime computes it through casts
 /// to float32. Below its "all" level the casts of the weights are not
 /// folded: every call casts every weight again (SDXL's at 256×256: 17 s a
 /// call, memory past 17 GB and growing); at "all" they are cast once at load
 /// (44 s for SDXL's, 12.7 GiB peak) and a call takes 3.2–3.6 s. Widening the
-/// weights ourselves, on every core, and handing them over from memory is
+/// weights ourselves, on the session's threads, and handing them over from memory is
 /// faster still, when the memory is there ([`open_widened`]); otherwise, or
 /// if ONNX Runtime refuses, the "all" level it is.
 fn open_fp16_on_cpu(
@@ -315,12 +310,13 @@ fn open_widened(
     model: Model,
     mut opts: SessionOptions,
 ) -> Result<(Session, Option<TextProjections>), String> {
-    let (inline, external) = fp16_bytes(&model).map_err(|e| e.to_string())?;
-    if let Some(why) = widening_refused(inline, external, super::memory::available()) {
+    let narrow = fp16_bytes(&model).map_err(|e| e.to_string())?;
+    if let Some(why) = widening_refused(narrow, super::memory::available()) {
         return Err(why);
     }
     opts.optimization = GraphOptimization::Extended;
-    let widen = |m: &Model| to_float32_given(m).map_err(|e| e.to_string());
+    let threads = opts.threads.unwrap_or_else(available_threads);
+    let widen = |m: &Model| to_float32_given(m, threads).map_err(|e| e.to_string());
     let (halves, products) = match split_text_projections(&model) {
         Ok(split) => {
             let half = |bytes: Vec<u8>| {
@@ -364,16 +360,10 @@ fn open_widened(
     Ok((unet, projections))
 }
 
-/// Why a UNet with `inline` and `external` bytes of float16 weights is not
-/// widened when `free` bytes of memory are available (`None`: unknown).
-fn widening_refused(inline: u64, external: u64, free: Option<u64>) -> Option<String> {
-    if 2 * inline > MAX_PROTOBUF {
-        return Some(format!(
-            "{:.1} GiB of float16 weights inside the model file would not fit in one protobuf widened",
-            gib(inline)
-        ));
-    }
-    let wide = 2 * (inline + external);
+/// Why a UNet with `narrow` bytes of float16 weights is not widened when
+/// `free` bytes of memory are available (`None`: unknown).
+fn widening_refused(narrow: u64, free: Option<u64>) -> Option<String> {
+    let wide = 2 * narrow;
     let need = (wide as f64 * WIDENED_MEMORY_PER_BYTE) as u64;
     let free = free.filter(|&free| free < need)?;
     Some(format!(
@@ -384,21 +374,15 @@ fn widening_refused(inline: u64, external: u64, free: Option<u64>) -> Option<Str
     ))
 }
 
-/// Bytes of the model's float16 initializers stored inside its file and
-/// outside it.
-fn fp16_bytes(model: &Model) -> Result<(u64, u64), crate::onnx::OnnxError> {
-    let (mut inline, mut external) = (0, 0);
+/// Bytes of the model's float16 initializers.
+fn fp16_bytes(model: &Model) -> Result<u64, crate::onnx::OnnxError> {
+    let mut narrow = 0;
     for t in &model.graph()?.initializer {
-        if DataType::from_i32(t.data_type) != DataType::Float16 {
-            continue;
-        }
-        let info = model.tensor_info(t)?;
-        match info.storage {
-            Storage::External { .. } => external += info.nbytes,
-            _ => inline += info.nbytes,
+        if DataType::from_i32(t.data_type) == DataType::Float16 {
+            narrow += model.tensor_info(t)?.nbytes;
         }
     }
-    Ok((inline, external))
+    Ok(narrow)
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -484,17 +468,13 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     #[test]
-    fn widening_needs_the_memory_and_a_protobuf_that_holds_the_inline_weights() {
-        // SDXL's float16 UNet: 4.78 GiB outside the model file.
+    fn widening_needs_the_memory() {
+        // SDXL's float16 UNet: 4.78 GiB of weights.
         let sdxl = (4.78 * GIB as f64) as u64;
-        assert_eq!(widening_refused(0, sdxl, Some(22 * GIB)), None);
-        assert_eq!(widening_refused(0, sdxl, None), None, "unknown: try");
-        let short = widening_refused(0, sdxl, Some(16 * GIB)).unwrap();
+        assert_eq!(widening_refused(sdxl, Some(22 * GIB)), None);
+        assert_eq!(widening_refused(sdxl, None), None, "unknown: try");
+        let short = widening_refused(sdxl, Some(16 * GIB)).unwrap();
         assert!(short.contains("need 20.1 GiB free, 16.0 GiB is"), "{short}");
-        // SD 1.5's single-file float16 UNet: 1.6 GiB inside the file.
-        let inside = widening_refused(16 * GIB / 10, 0, Some(64 * GIB)).unwrap();
-        assert!(inside.contains("would not fit in one protobuf"), "{inside}");
-        assert_eq!(widening_refused(GIB / 2, 0, Some(64 * GIB)), None);
     }
 
     /// The two routes for a float16 UNet on the CPU (ours widens the weights,
