@@ -7,8 +7,9 @@ On the CPU a float16 UNet computes in float32. time-onnx widens the weights itse
 Runtime from memory; before 2026-12-07 (evening) it did so only for weights stored outside the model file, and a
 single-file UNet (SD 1.x's, 1.6 GiB of float16 weights inside model.onnx) took the slower way: ONNX Runtime's
 "all" level folding the casts at load on one thread. This measures both builds on the same folder
-(third_party/sd14-fp16, made by scripts/make_fp16_unet.py when missing), alternating, each run its own process
-after a quiet-machine wait:
+(third_party/sd14-fp16, made by scripts/make_fp16_unet.py when missing), and the new one again with
+`--graph-opt all` (the widened weights then go in as external data, for ONNX Runtime's layout transforms),
+alternating, each run its own process after a quiet-machine wait:
 
     <binary> -v generate --model DIR --prompt "A pack of roses" --steps N --height S --width S --seed 1
              --threads T --device cpu --output-type npy -o <tmp>/<name>.npy
@@ -55,14 +56,16 @@ def main() -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     base, base_what, _ = build_time_onnx(args.base)
     new, new_what, _ = build_time_onnx(None)
-    contenders = {"base": base, "new": new}
+    contenders = {"base": base, "new": new, "new, all": new}
 
     def run(name: str) -> dict:
-        out = tmp / f"{name}.npy"
+        out = tmp / f"{name.replace(', ', '-')}.npy"
         out.unlink(missing_ok=True)
         cmd = [str(contenders[name]), "-v", "generate", "--model", str(args.model), "--prompt", "A pack of roses",
                "--steps", str(args.steps), "--height", str(args.size), "--width", str(args.size), "--seed", "1",
                "--threads", str(args.threads), "--device", "cpu", "--output-type", "npy", "-o", str(out)]
+        if name.endswith("all"):
+            cmd += ["--graph-opt", "all"]
         wait_quiet()
         r = run_measured(cmd, env=binary_env(contenders[name]))
         err = ANSI_RE.sub("", r.stderr)
@@ -83,8 +86,8 @@ def main() -> int:
             say(f"round {i + 1} {name}: {r['wall']:.2f} s, step {r['step']:.0f} ms, {r['rss']:,.0f} MiB"
                 + (" (ONNX Runtime folded the casts)" if r["slower"] else ""))
     import numpy as np
-    a, b = np.load(tmp / "base.npy"), np.load(tmp / "new.npy")
-    diff = float(np.abs(a - b).max())
+    a, b, c = (np.load(tmp / f"{n}.npy") for n in ("base", "new", "new-all"))
+    diff, diff_all = float(np.abs(a - b).max()), float(np.abs(b - c).max())
     off = int((np.abs(a - b) * 255 >= 1).sum())
 
     def med(name: str, key: str) -> float:
@@ -94,7 +97,8 @@ def main() -> int:
     size = (args.model / "unet" / "model.onnx").stat().st_size / 2**30
     command = "python3 scripts/bench_fp16_unet.py " + " ".join(sys.argv[1:])
     route = {n: ("ONNX Runtime folds the casts (\"all\" level)" if rounds[n][0]["slower"]
-                 else "widened by time-onnx, weights given from memory") for n in contenders}
+                 else "widened by time-onnx, weights given from memory"
+                 + (" as external data, `--graph-opt all`" if n.endswith("all") else "")) for n in contenders}
     lines = [
         "## float16 UNet load", "",
         f"Measured {datetime.date.today()} with `{command}`; base: {base_what}; new: {new_what}. Machine: "
@@ -114,7 +118,10 @@ def main() -> int:
     lines += ["",
               f"new / base, start → image: **{med('new', 'wall') / med('base', 'wall'):.2f} ×** (rounds {per_round}); "
               f"per step {med('new', 'step') / med('base', 'step'):.2f} ×; the last round's images are "
-              f"{diff:.1e} apart at most ({off} values off by 1/255 or more).", ""]
+              f"{diff:.1e} apart at most ({off} values off by 1/255 or more).",
+              f"new at `--graph-opt all` / new: start → image {med('new, all', 'wall') / med('new', 'wall'):.2f} ×, "
+              f"per step {med('new, all', 'step') / med('new', 'step'):.2f} ×, peak RSS "
+              f"{med('new, all', 'rss') / med('new', 'rss'):.2f} ×; images {diff_all:.1e} apart at most.", ""]
     section = "\n".join(lines)
     if args.no_write:
         print(section)

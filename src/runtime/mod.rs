@@ -205,8 +205,12 @@ impl Runtime {
 
     /// Opens a session for a model held in memory, `bytes`, derived from the
     /// file `path`: its external data is read from `path`'s folder, and errors
-    /// name `path`. The `given` weights are handed to ONNX Runtime as they
-    /// are, not copied (`AddInitializer`), and live as long as the session.
+    /// name `path`. The `given` weights live as long as the session. Below
+    /// the "all" level they are handed over as they are, not copied
+    /// (`AddInitializer`); but those take their place only once the graph is
+    /// optimized, and the "all" level's layout transforms read weights while
+    /// optimizing, so there they go in as external data instead
+    /// (`AddExternalInitializers`), which ONNX Runtime copies.
     pub fn open_bytes(
         &self,
         path: &Path,
@@ -223,11 +227,17 @@ impl Runtime {
                 folder.to_string_lossy(),
             )
             .map_err(|e| err(e.into()))?;
+        let during_optimization = opts.optimization == GraphOptimization::All;
         for g in given {
-            let value = ort::value::Tensor::from_array((g.shape, g.values)).map_err(err)?;
-            builder = builder
-                .with_initializer(&g.name, value.into_dyn())
-                .map_err(|e| err(e.into()))?;
+            let value = ort::value::Tensor::from_array((g.shape, g.values))
+                .map_err(err)?
+                .into_dyn();
+            builder = if during_optimization {
+                builder.with_external_initializer(&g.name, value)
+            } else {
+                builder.with_initializer(&g.name, value)
+            }
+            .map_err(|e| err(e.into()))?;
         }
         let inner = builder.commit_from_memory(bytes).map_err(err)?;
         Ok(Session::new(path, inner))
