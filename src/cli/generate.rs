@@ -83,7 +83,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     no_safety_checker: bool,
     /// ONNX Runtime's graph optimization: "extended" loads SD 1.x's UNet in ~1.4 s on 2 cores;
-    /// "all" (ORT's and diffusers' default) takes 4–8 s more and is ~1% faster per step.
+    /// "all" (ORT's and diffusers' default) takes 4–8 s more and is ~1% faster per step. For a
+    /// float16 UNet on the CPU, "all" loads SD 1.x's ~12 s later with 1.3–1.8× the memory, for
+    /// steps ~12% faster: worth it for long runs (BENCHMARKS.md "## float16 UNet load").
     #[arg(long, value_enum, default_value_t = GraphOptArg::Extended)]
     graph_opt: GraphOptArg,
     /// Refuse sizes (--height, --width, --num-images) whose generation needs more memory than
