@@ -13,7 +13,7 @@ use ndarray::{ArrayD, Axis};
 use serde_json::Value;
 use time_onnx::edit::operator_file;
 use time_onnx::pipeline::conditioning::guidance_embedding;
-use time_onnx::runtime::Runtime;
+use time_onnx::runtime::{GraphOptimization, Runtime, SessionOptions};
 use time_onnx::text::encoder::TextEncoders;
 use time_onnx::text::{TextSide, Tokenizers};
 use time_onnx::workflow::edit::{self, EditRequest};
@@ -524,11 +524,21 @@ fn a_widened_unet_opens_only_with_its_weights_given() {
         // Smaller than the float16 model: the given weights are not in it.
         let narrow = std::fs::metadata(&inline).unwrap().len() as usize;
         assert!(wide.bytes.len() < narrow, "{} bytes", wide.bytes.len());
-        let opened = |given| rt.open_bytes(path, &wide.bytes, cpu_threads(2), given);
-        let err = opened(Vec::new())
-            .err()
-            .expect("opened on float16 bytes typed float32");
-        assert!(err.to_string().contains("size mismatch"), "{err}");
-        opened(widen().given).unwrap();
+        // Handed over after optimizing ("extended") and before it ("all").
+        for level in [GraphOptimization::Extended, GraphOptimization::All] {
+            let opts = SessionOptions {
+                optimization: level,
+                ..cpu_threads(2)
+            };
+            let opened = |given| rt.open_bytes(path, &wide.bytes, opts, given);
+            let err = opened(Vec::new())
+                .err()
+                .expect("opened on float16 bytes typed float32");
+            assert!(
+                err.to_string().contains("size mismatch"),
+                "{level:?}: {err}"
+            );
+            opened(widen().given).unwrap();
+        }
     }
 }
