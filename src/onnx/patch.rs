@@ -97,10 +97,11 @@ pub struct Written {
 /// itself when it has none) into temporary files beside `output`, under way
 /// in a background thread while the caller computes the patches.
 ///
-/// The copy is the floor of the whole edit: gigabytes that the kernel moves
-/// on one core and, once past the dirty-page limits, at the speed of the
-/// disk. Starting it before the text encoder runs hides that work behind
-/// the computation instead of adding to it. Dropping a `Copying` stops the
+/// The copy is the floor of the whole edit: gigabytes written at the speed
+/// of the disk, directly from the source's pages where the filesystem lets
+/// us ([`copy_direct`]), so that it costs the text encoders running
+/// meanwhile almost no CPU. Starting it before the text encoder runs hides
+/// that work behind the computation instead of adding to it. Dropping a `Copying` stops the
 /// thread within one step and removes the temporary files.
 pub struct Copying {
     /// Old location → new file name, for every external file.
@@ -420,8 +421,9 @@ fn io(path: &Path, source: std::io::Error) -> WriteError {
     }
 }
 
-/// Copies `src` into the (empty) `dst`, in the kernel where it can, heeding
-/// `stop` between steps; `done` counts the bytes copied.
+/// Copies `src` into the (empty) `dst` with direct writes where it can
+/// ([`copy_direct`]), else in the kernel, heeding `stop` between steps;
+/// `done` counts the bytes copied.
 ///
 /// Each `copy_file_range` call asks for everything that is left, as `cp`
 /// does; the kernel takes up to ~2 GB per call. Smaller requests cost more
@@ -440,6 +442,9 @@ fn copy_into(
         path: src.to_path_buf(),
         source,
     })?;
+    if copy_direct(&input, dst, stop, done).map_err(|source| io(dst_path, source))? {
+        return Ok(());
+    }
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: two open file descriptors, null offsets (the files' own
         // positions are used and advanced), no flags.
@@ -474,4 +479,128 @@ fn copy_into(
         }
     }
     Ok(())
+}
+
+/// Files smaller than this are copied through the page cache.
+const DIRECT_MIN: u64 = 64 << 20;
+/// Bytes per direct write.
+const DIRECT_STEP: usize = 64 << 20;
+
+/// Copies `input` into the empty `dst` with direct writes (`O_DIRECT`) from
+/// its mapped pages, heeding `stop` between steps. Returns whether it did:
+/// not for small files, nor where the filesystem refuses direct writes
+/// (then nothing has been written).
+///
+/// A copy through the page cache costs the kernel a core-second per
+/// gigabyte or more (two to three on this VM once its memory is full of
+/// cache), time taken from the text encoders that run meanwhile; a direct
+/// write hands the source's pages to the disk instead (measured here:
+/// SDXL's 4.8 GB in 4.2 s with 1.0 s of CPU, against 14.6 s of CPU through
+/// the cache).
+fn copy_direct(
+    input: &File,
+    dst: &File,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let len = input.metadata()?.len();
+    if len < DIRECT_MIN {
+        return Ok(false);
+    }
+    // A second open file description, so the O_DIRECT flag does not reach
+    // the writes that follow through `dst` (patches, the model's tail).
+    let direct = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", dst.as_raw_fd()))
+    {
+        Ok(f) => f,
+        Err(e) if unsupported(&e) || e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // SAFETY (both maps): the input is only read; a concurrent writer to it
+    // would change what we copy, as it would for any copy.
+    let window = |at: u64, n: u64| unsafe {
+        memmap2::MmapOptions::new()
+            .offset(at)
+            .len(n as usize)
+            .map(input)
+    };
+    // Page-aligned lengths from page-aligned maps, one step's at a time so
+    // that the source's pages do not pile up in our resident set; the rest
+    // goes through the page cache.
+    let aligned = len & !4095;
+    let mut at = 0u64;
+    while at < aligned {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let map = window(at, (DIRECT_STEP as u64).min(aligned - at))?;
+        let mut off = 0;
+        while off < map.len() {
+            match direct.write_at(&map[off..], at + off as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(w) => off += w,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if at + off as u64 == 0 && unsupported(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        at += off as u64;
+        done.fetch_add(off as u64, Ordering::Relaxed);
+    }
+    if len > aligned {
+        dst.write_all_at(&window(aligned, len - aligned)?, aligned)?;
+        done.fetch_add(len - aligned, Ordering::Relaxed);
+    }
+    // Where the copy through the page cache would have left it.
+    (&*dst).seek(SeekFrom::Start(len))?;
+    Ok(true)
+}
+
+/// The errors of a filesystem that does not take direct writes.
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A direct copy writes the bytes a plain copy would, tail included,
+    /// into an unnamed temporary file as the writer makes them, and leaves
+    /// the file position at the end for what follows.
+    #[test]
+    fn a_direct_copy_is_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("weights.pb");
+        let len = DIRECT_MIN as usize + DIRECT_STEP / 2 + 12_345;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        std::fs::write(&src, &bytes).unwrap();
+        let mut staged = Staged::default();
+        let tmp = staged.create(&dir.path().join("copy.pb")).unwrap();
+        let (stop, done) = (AtomicBool::new(false), AtomicU64::new(0));
+        let input = File::open(&src).unwrap();
+        let took = copy_direct(&input, &tmp.file, &stop, &done).unwrap();
+        if !took {
+            eprintln!("this filesystem refuses direct writes: nothing to compare");
+            return;
+        }
+        assert_eq!(done.load(Ordering::Relaxed), len as u64);
+        assert_eq!((&tmp.file).stream_position().unwrap(), len as u64);
+        let mut back = vec![0; len];
+        tmp.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == bytes, "the copy differs");
+        assert_eq!(tmp.file.metadata().unwrap().len(), len as u64);
+    }
 }
