@@ -277,16 +277,26 @@ impl Copying {
     }
 
     /// Writes the externally stored patches over the copied data files.
+    /// Directly where the filesystem allows it ([`write_direct_at`]).
     fn patch_external(&self, patches: &[TensorPatch]) -> Result<(), WriteError> {
+        let mut bounce = Vec::new();
         for (old, new) in &self.locations {
             let tmp = self.temporary(&self.out_dir.join(new))?;
+            let err = |source| io(&tmp.dest, source);
+            let mut direct = reopen_direct(&tmp.file).map_err(err)?;
             for p in patches {
                 if let Storage::External { location, offset } = &p.tensor.storage
                     && location == old
                 {
-                    tmp.file
-                        .write_all_at(&p.data, *offset)
-                        .map_err(|source| io(&tmp.dest, source))?;
+                    let written = match &direct {
+                        Some(d) => write_direct_at(&tmp.file, d, &p.data, *offset, &mut bounce)
+                            .map_err(err)?,
+                        None => false,
+                    };
+                    if !written {
+                        direct = None;
+                        tmp.file.write_all_at(&p.data, *offset).map_err(err)?;
+                    }
                 }
             }
         }
@@ -442,7 +452,14 @@ fn copy_into(
         path: src.to_path_buf(),
         source,
     })?;
+    let started = std::time::Instant::now();
     if copy_direct(&input, dst, stop, done).map_err(|source| io(dst_path, source))? {
+        tracing::debug!(
+            "{}: {} bytes written directly in {:.2} s",
+            dst_path.display(),
+            done.load(Ordering::Relaxed),
+            started.elapsed().as_secs_f64()
+        );
         return Ok(());
     }
     while !stop.load(Ordering::Relaxed) {
@@ -503,22 +520,12 @@ fn copy_direct(
     stop: &AtomicBool,
     done: &AtomicU64,
 ) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
     let len = input.metadata()?.len();
     if len < DIRECT_MIN {
         return Ok(false);
     }
-    // A second open file description, so the O_DIRECT flag does not reach
-    // the writes that follow through `dst` (patches, the model's tail).
-    let direct = match std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", dst.as_raw_fd()))
-    {
-        Ok(f) => f,
-        Err(e) if unsupported(&e) || e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
+    let Some(direct) = reopen_direct(dst)? else {
+        return Ok(false);
     };
     // SAFETY (both maps): the input is only read; a concurrent writer to it
     // would change what we copy, as it would for any copy.
@@ -557,6 +564,65 @@ fn copy_direct(
     }
     // Where the copy through the page cache would have left it.
     (&*dst).seek(SeekFrom::Start(len))?;
+    Ok(true)
+}
+
+/// `file` opened again for direct writes, in a second open file
+/// description so that the O_DIRECT flag does not reach the writes through
+/// `file`; `None` where the filesystem (or a missing /proc) does not allow it.
+fn reopen_direct(file: &File) -> std::io::Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if unsupported(&e) || e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `data` at `offset` of `file`: its page-aligned middle through
+/// `direct` (from an aligned bounce buffer, as O_DIRECT wants), the ends
+/// through the page cache. After a direct copy the output's pages are not
+/// cached, and writing 0.7 GB of SDXL's edited weights through the cache
+/// would first have to find it that much memory (1.1 s on this VM against
+/// 0.15 s into cached pages). Returns false, having written nothing, where
+/// a direct write is refused.
+fn write_direct_at(
+    file: &File,
+    direct: &File,
+    data: &[u8],
+    offset: u64,
+    bounce: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    const PAGE: u64 = 4096;
+    let end = offset + data.len() as u64;
+    let (first, last) = (offset.next_multiple_of(PAGE), end & !(PAGE - 1));
+    if last <= first {
+        file.write_all_at(data, offset)?;
+        return Ok(true);
+    }
+    if bounce.is_empty() {
+        bounce.resize(DIRECT_STEP + PAGE as usize, 0);
+    }
+    let pad = bounce.as_ptr().align_offset(PAGE as usize);
+    let buf = &mut bounce[pad..pad + DIRECT_STEP];
+    let mut at = first;
+    while at < last {
+        let n = (last - at).min(DIRECT_STEP as u64) as usize;
+        let from = (at - offset) as usize;
+        buf[..n].copy_from_slice(&data[from..from + n]);
+        match direct.write_all_at(&buf[..n], at) {
+            Ok(()) => at += n as u64,
+            Err(e) if at == first && unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    file.write_all_at(&data[..(first - offset) as usize], offset)?;
+    file.write_all_at(&data[(last - offset) as usize..], last)?;
     Ok(true)
 }
 
@@ -602,5 +668,35 @@ mod tests {
         tmp.file.read_exact_at(&mut back, 0).unwrap();
         assert!(back == bytes, "the copy differs");
         assert_eq!(tmp.file.metadata().unwrap().len(), len as u64);
+    }
+
+    /// A patch written directly (aligned middle) and through the cache (its
+    /// ends) leaves the file as one plain write would, neighbours intact.
+    #[test]
+    fn a_direct_patch_is_a_plain_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut staged = Staged::default();
+        let tmp = staged.create(&dir.path().join("data.bin")).unwrap();
+        let len = 3 * DIRECT_STEP / 2;
+        let old: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        tmp.file.write_all_at(&old, 0).unwrap();
+        let Some(direct) = reopen_direct(&tmp.file).unwrap() else {
+            eprintln!("this filesystem refuses direct writes: nothing to compare");
+            return;
+        };
+        let mut expected = old.clone();
+        let mut bounce = Vec::new();
+        // Longer than one bounce buffer, both ends unaligned; then a short one
+        // inside one page.
+        for (offset, n) in [(1_234usize, DIRECT_STEP + 10_000), (len - 600, 500)] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 253) as u8 ^ 0x5a).collect();
+            expected[offset..offset + n].copy_from_slice(&data);
+            let wrote =
+                write_direct_at(&tmp.file, &direct, &data, offset as u64, &mut bounce).unwrap();
+            assert!(wrote);
+        }
+        let mut back = vec![0; len];
+        tmp.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == expected, "the patched file differs");
     }
 }
