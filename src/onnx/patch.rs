@@ -643,14 +643,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("weights.pb");
         let len = DIRECT_MIN as usize + DIRECT_STEP / 2 + 12_345;
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let bytes: Vec<u8> = (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
+        // Bytes that never repeat with a page's or a window's period.
+        let bytes: Vec<u8> = (0..len as u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
             .collect();
         std::fs::write(&src, &bytes).unwrap();
         let mut staged = Staged::default();
