@@ -101,8 +101,9 @@ pub struct Written {
 /// of the disk, directly from the source's pages where the filesystem lets
 /// us ([`copy_direct`]), so that it costs the text encoders running
 /// meanwhile almost no CPU. Starting it before the text encoder runs hides
-/// that work behind the computation instead of adding to it. Dropping a `Copying` stops the
-/// thread within one step and removes the temporary files.
+/// that work behind the computation instead of adding to it. Dropping a
+/// `Copying` stops the thread within one step and removes the temporary
+/// files.
 pub struct Copying {
     /// Old location → new file name, for every external file.
     locations: BTreeMap<String, String>,
@@ -500,6 +501,9 @@ fn copy_into(
 
 /// Files smaller than this are copied through the page cache.
 const DIRECT_MIN: u64 = 64 << 20;
+/// The alignment of direct writes (offsets, lengths, buffers): the page,
+/// which covers every logical block size of the disks we meet.
+const PAGE: u64 = 4096;
 /// Bytes per direct write.
 const DIRECT_STEP: usize = 64 << 20;
 
@@ -511,7 +515,7 @@ const DIRECT_STEP: usize = 64 << 20;
 /// A copy through the page cache costs the kernel a core-second per
 /// gigabyte or more (two to three on this VM once its memory is full of
 /// cache), time taken from the text encoders that run meanwhile; a direct
-/// write hands the source's pages to the disk instead (measured here:
+/// write hands the source's pages to the disk instead (`dd`, measured here:
 /// SDXL's 4.8 GB in 4.2 s with 1.0 s of CPU, against 14.6 s of CPU through
 /// the cache).
 fn copy_direct(
@@ -538,7 +542,7 @@ fn copy_direct(
     // Page-aligned lengths from page-aligned maps, one step's at a time so
     // that the source's pages do not pile up in our resident set; the rest
     // goes through the page cache.
-    let aligned = len & !4095;
+    let aligned = len & !(PAGE - 1);
     let mut at = 0u64;
     while at < aligned {
         if stop.load(Ordering::Relaxed) {
@@ -598,7 +602,6 @@ fn write_direct_at(
     offset: u64,
     bounce: &mut Vec<u8>,
 ) -> std::io::Result<bool> {
-    const PAGE: u64 = 4096;
     let end = offset + data.len() as u64;
     let (first, last) = (offset.next_multiple_of(PAGE), end & !(PAGE - 1));
     if last <= first {
