@@ -89,7 +89,8 @@ pub struct Widened {
     /// (its own external ones, or the model file for one stored inside it),
     /// whose length then disagrees with the type, so that ONNX Runtime fails
     /// loudly if it ever reads the file instead of taking the [`Given`] value
-    /// (its "all" level does, for its NCHWc layouts).
+    /// (its "all" level would, for its NCHWc layouts, if the values came
+    /// after optimizing: see `Runtime::open_bytes`).
     pub bytes: Vec<u8>,
     /// The big float16 weights, widened.
     pub given: Vec<Given>,

@@ -279,9 +279,9 @@ const WIDENED_MEMORY_PER_BYTE: f64 = 2.1;
 /// folded: every call casts every weight again (SDXL's at 256×256: 17 s a
 /// call, memory past 17 GB and growing); at "all" they are cast once at load
 /// (44 s for SDXL's, 12.7 GiB peak) and a call takes 3.2–3.6 s. Widening the
-/// weights ourselves, on the session's threads, and handing them over from memory is
-/// faster still, when the memory is there ([`open_widened`]); otherwise, or
-/// if ONNX Runtime refuses, the "all" level it is.
+/// weights ourselves, on the session's threads, and handing them over from
+/// memory is faster still, when the memory is there ([`open_widened`]);
+/// otherwise, or if ONNX Runtime refuses, the "all" level it is.
 fn open_fp16_on_cpu(
     rt: &Runtime,
     path: &Path,
