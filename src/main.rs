@@ -5,6 +5,7 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    cli::blas::use_the_cpus_kernels();
     cli::signals::install();
     let args = match <cli::Cli as clap::Parser>::try_parse() {
         Ok(args) => args,

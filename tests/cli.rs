@@ -450,3 +450,46 @@ fn grid_captions_each_row_and_refuses_a_wrong_count() {
     assert!(err.contains("--row-label: 1 given for 2 rows"), "{err}");
     assert!(!dir.path().join("wrong.png").exists());
 }
+
+/// The "linear algebra:" line of `doctor`, run with `env`.
+fn blas_line(env: &[(&str, &str)]) -> String {
+    let out = time_onnx()
+        .arg("doctor")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("linear algebra: "))
+        .unwrap_or_else(|| panic!("no linear algebra line in:\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn the_edits_linear_algebra_runs_on_the_cpus_vector_units() {
+    // Debian 12's OpenBLAS falls back to its SSE3 "Prescott" kernels on CPUs
+    // newer than it (Emerald Rapids: 4 × slower edits) unless told otherwise.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: Vec<&str> = flags
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    let line = blas_line(&[]);
+    if flags.contains(&"avx2") && flags.contains(&"fma") {
+        assert!(!line.contains("Prescott"), "{line}");
+    } else {
+        eprintln!("skipped: no AVX2 on this CPU ({line})");
+    }
+    // A kernel choice of the user's is left as it is.
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        blas_line(&[("OPENBLAS_CORETYPE", "Prescott")]),
+        "OpenBLAS, Prescott kernels (OPENBLAS_CORETYPE=Prescott)"
+    );
+}

@@ -1,4 +1,5 @@
-//! `time-onnx doctor`: which ONNX Runtime is used, and whether CUDA works.
+//! `time-onnx doctor`: which ONNX Runtime is used, whether CUDA works, and
+//! which linear algebra kernels the edits run on.
 
 use time_onnx::runtime::Runtime;
 
@@ -18,5 +19,6 @@ pub fn run() -> anyhow::Result<()> {
         },
     };
     println!("CUDA execution provider: {cuda}");
+    println!("linear algebra: {}", super::blas::describe());
     Ok(())
 }

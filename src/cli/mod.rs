@@ -2,6 +2,7 @@
 //! Only this module knows clap; the library sees plain option structs.
 
 mod advice;
+pub mod blas;
 mod doctor;
 mod edit;
 mod eval;
@@ -54,7 +55,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Tile PNG images into one, e.g. the same seeds before and after an edit.
     Grid(grid::GridArgs),
-    /// Check which ONNX Runtime library is used and which execution providers work.
+    /// Check which ONNX Runtime library is used, which execution providers work, and the BLAS kernels.
     Doctor,
 }
 
