@@ -513,46 +513,52 @@ fn regularized_gram(x: ArrayView2<'_, f64>, lambda: f64) -> Array2<f64> {
     gram
 }
 
-/// Output columns per block of [`blocked_product`] and [`blocked_gram`].
+/// Output rows per band of [`blocked_product`] and [`blocked_gram`], and
+/// columns per block of [`solve_spd`]: a multiple of every OpenBLAS kernel's
+/// unrolling, so that a band's elements come out of the same micro-kernels,
+/// in the same order, however the bands are shared out.
 const BLOCK: usize = 128;
 
-/// aᵀ·b `[m, k] f64` for a `[n, m]`, b `[n, k]`, as one product per block
-/// of [`BLOCK`] output columns, the blocks dealt out to one thread per core.
+/// aᵀ·b `[m, k] f64` for a `[n, m]`, b `[n, k]`, as one product per band of
+/// [`BLOCK`] output rows, the bands shared out among one thread per core.
 ///
 /// OpenBLAS runs on one thread here (see [`lapack_on_one_thread`]), so the
 /// many-row products of many edits solved together (Σ c(c* − c)ᵀ over ~6,000
-/// positions for 20 edits) would use one core. Each output element is one
-/// block's product whatever the number of threads, so the result does not
-/// depend on the machine's core count.
+/// positions for 20 edits) would use one core. Bands of rows, not of
+/// columns: a thread then packs only its band of aᵀ, where bands of columns
+/// made every thread read all of a (two cores, 20 edits' 6,160 rows: 102 ms
+/// with column blocks, 70 with row bands). Each output element is one band's
+/// product whatever the number of threads, so the result does not depend on
+/// the machine's core count.
 fn blocked_product(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> Array2<f64> {
-    let blocks: Vec<(usize, usize)> = (0..b.ncols().div_ceil(BLOCK)).map(|j| (0, j)).collect();
+    let bands: Vec<usize> = (0..a.ncols().div_ceil(BLOCK)).collect();
     let mut out = Array2::zeros((a.ncols(), b.ncols()));
-    for ((_, j), part) in in_parallel(&blocks, |_, j| a.t().dot(&column_block(b, j))) {
-        out.slice_mut(ndarray::s![.., j * BLOCK..j * BLOCK + part.ncols()])
+    for (i, part) in in_parallel(&bands, |i| column_block(a, i).t().dot(&b)) {
+        out.slice_mut(ndarray::s![i * BLOCK..i * BLOCK + part.nrows(), ..])
             .assign(&part);
     }
     out
 }
 
-/// xᵀ·x `[m, m] f64` for x `[n, m]`: the blocks on and above the diagonal,
-/// each one product, mirrored below (symmetric: ~(b + 1)/2b of the work
-/// for b blocks), computed as [`blocked_product`] computes its blocks.
+/// xᵀ·x `[m, m] f64` for x `[n, m]`: each band of [`BLOCK`] rows from its
+/// diagonal rightwards as one product, mirrored below the diagonal
+/// (symmetric: ~(b + 1)/2b of the work for b bands), computed as
+/// [`blocked_product`] computes its bands. The widest band comes first, so
+/// the last to start is the narrowest.
 fn blocked_gram(x: ArrayView2<'_, f64>) -> Array2<f64> {
-    let b = x.ncols().div_ceil(BLOCK);
-    let blocks: Vec<(usize, usize)> = (0..b).flat_map(|i| (i..b).map(move |j| (i, j))).collect();
-    let mut out = Array2::zeros((x.ncols(), x.ncols()));
-    for ((i, j), part) in in_parallel(&blocks, |i, j| {
-        column_block(x, i).t().dot(&column_block(x, j))
+    let m = x.ncols();
+    let bands: Vec<usize> = (0..m.div_ceil(BLOCK)).collect();
+    let mut out = Array2::zeros((m, m));
+    for (i, part) in in_parallel(&bands, |i| {
+        column_block(x, i)
+            .t()
+            .dot(&x.slice(ndarray::s![.., i * BLOCK..]))
     }) {
-        let (rows, cols) = (
-            i * BLOCK..i * BLOCK + part.nrows(),
-            j * BLOCK..j * BLOCK + part.ncols(),
-        );
-        out.slice_mut(ndarray::s![rows.clone(), cols.clone()])
+        let (top, h) = (i * BLOCK, part.nrows());
+        out.slice_mut(ndarray::s![top..top + h, top..])
             .assign(&part);
-        if i != j {
-            out.slice_mut(ndarray::s![cols, rows]).assign(&part.t());
-        }
+        out.slice_mut(ndarray::s![top + h.., top..top + h])
+            .assign(&part.slice(ndarray::s![.., h..]).t());
     }
     out
 }
@@ -563,27 +569,28 @@ fn column_block(x: ArrayView2<'_, f64>, j: usize) -> ArrayView2<'_, f64> {
     x.slice_move(ndarray::s![.., j * BLOCK..end])
 }
 
-/// `f(i, j)` for every block (i, j), on one thread per core, blocks dealt
-/// out in turn; the results with their blocks, in any order.
-fn in_parallel<F, T>(blocks: &[(usize, usize)], f: F) -> Vec<((usize, usize), T)>
+/// `f(i)` for every band i, on one thread per core, each thread taking the
+/// next band in the list when it is free; the results with their bands, in
+/// any order.
+fn in_parallel<F, T>(bands: &[usize], f: F) -> Vec<(usize, T)>
 where
-    F: Fn(usize, usize) -> T + Sync,
+    F: Fn(usize) -> T + Sync,
     T: Send,
 {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .clamp(1, blocks.len().max(1));
+        .clamp(1, bands.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let f = &f;
+            .map(|_| {
+                let (f, next) = (&f, &next);
                 s.spawn(move || {
-                    blocks
-                        .iter()
-                        .skip(t)
-                        .step_by(threads)
-                        .map(|&(i, j)| ((i, j), f(i, j)))
-                        .collect::<Vec<_>>()
+                    std::iter::from_fn(|| {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        bands.get(k).map(|&i| (i, f(i)))
+                    })
+                    .collect::<Vec<_>>()
                 })
             })
             .collect();
