@@ -23,7 +23,7 @@ unsafe extern "C" {
 }
 
 /// The kernels OpenBLAS runs on.
-pub fn core_name() -> String {
+fn core_name() -> String {
     // SAFETY: returns a pointer to a static NUL-terminated string of
     // OpenBLAS (a string literal in every build), never null.
     unsafe { CStr::from_ptr(openblas_get_corename()) }

@@ -514,9 +514,9 @@ fn regularized_gram(x: ArrayView2<'_, f64>, lambda: f64) -> Array2<f64> {
 }
 
 /// Output rows per band of [`blocked_product`] and [`blocked_gram`], and
-/// columns per block of [`solve_spd`]: a multiple of every OpenBLAS kernel's
-/// unrolling, so that a band's elements come out of the same micro-kernels,
-/// in the same order, however the bands are shared out.
+/// columns per block of [`solve_spd`]. Fixed, not derived from the core
+/// count: how OpenBLAS rounds an element depends on the shape of the product
+/// it is part of, so the bands must not change with the machine.
 const BLOCK: usize = 128;
 
 /// aᵀ·b `[m, k] f64` for a `[n, m]`, b `[n, k]`, as one product per band of
@@ -531,9 +531,10 @@ const BLOCK: usize = 128;
 /// product whatever the number of threads, so the result does not depend on
 /// the machine's core count.
 fn blocked_product(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> Array2<f64> {
-    let bands: Vec<usize> = (0..a.ncols().div_ceil(BLOCK)).collect();
     let mut out = Array2::zeros((a.ncols(), b.ncols()));
-    for (i, part) in in_parallel(&bands, |i| column_block(a, i).t().dot(&b)) {
+    for (i, part) in in_parallel(a.ncols().div_ceil(BLOCK), |i| {
+        column_block(a, i).t().dot(&b)
+    }) {
         out.slice_mut(ndarray::s![i * BLOCK..i * BLOCK + part.nrows(), ..])
             .assign(&part);
     }
@@ -547,9 +548,8 @@ fn blocked_product(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> Array2<f64
 /// the last to start is the narrowest.
 fn blocked_gram(x: ArrayView2<'_, f64>) -> Array2<f64> {
     let m = x.ncols();
-    let bands: Vec<usize> = (0..m.div_ceil(BLOCK)).collect();
     let mut out = Array2::zeros((m, m));
-    for (i, part) in in_parallel(&bands, |i| {
+    for (i, part) in in_parallel(m.div_ceil(BLOCK), |i| {
         column_block(x, i)
             .t()
             .dot(&x.slice(ndarray::s![.., i * BLOCK..]))
@@ -569,17 +569,17 @@ fn column_block(x: ArrayView2<'_, f64>, j: usize) -> ArrayView2<'_, f64> {
     x.slice_move(ndarray::s![.., j * BLOCK..end])
 }
 
-/// `f(i)` for every band i, on one thread per core, each thread taking the
-/// next band in the list when it is free; the results with their bands, in
-/// any order.
-fn in_parallel<F, T>(bands: &[usize], f: F) -> Vec<(usize, T)>
+/// `f(i)` for every band i < `bands`, on one thread per core, each thread
+/// taking the next band in order when it is free; the results with their
+/// bands, in any order.
+fn in_parallel<F, T>(bands: usize, f: F) -> Vec<(usize, T)>
 where
     F: Fn(usize) -> T + Sync,
     T: Send,
 {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .clamp(1, bands.len().max(1));
+        .clamp(1, bands.max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -587,8 +587,8 @@ where
                 let (f, next) = (&f, &next);
                 s.spawn(move || {
                     std::iter::from_fn(|| {
-                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        bands.get(k).map(|&i| (i, f(i)))
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        (i < bands).then(|| (i, f(i)))
                     })
                     .collect::<Vec<_>>()
                 })
