@@ -27,7 +27,7 @@
 use std::sync::OnceLock;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis, LinalgScalar, Zip};
+use ndarray::{Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis, LinalgScalar, Zip, s};
 use ndarray_linalg::{Cholesky, QR, UPLO};
 
 use super::EditError;
@@ -245,29 +245,30 @@ pub fn solve_preserving<T: Copy + Into<f64> + Sync>(
     }
     check_shapes(src, dst, maps)?;
     lapack_on_one_thread();
+    let d = src.dim().2;
     if let Some(p) = &preserve {
-        check_preservation(p, src.dim().2)?;
+        check_preservation(p, d)?;
+    }
+    if 2 * count_moved(src, dst, maps) >= d {
+        // As many moved positions as half the width (many edits at once):
+        // factors would save nothing, and forming Σ c (c* − c)ᵀ `[d, d]`
+        // once costs a quarter of B = M⁻¹·C and its QR.
+        let (gram, shifts) = dense_sums(src, dst, maps)?;
+        let m = system(gram, lambda, preserve);
+        // `shifts` holds Σ (c* − c) cᵀ: its transpose is the right-hand side.
+        let mut at = solve_spd(&m, shifts.t(), lambda)?;
+        at.diag_mut().mapv_inplace(|x| x + 1.0);
+        return Ok(Operator {
+            repr: Repr::Dense(at),
+        });
     }
     let (c, mut shift) = rows_and_shifts(src, dst, maps)?;
-    let d = c.ncols();
     // The positions that move: c* ≠ c. None (source = destination) is A = I.
     let moved: Vec<usize> = (0..c.nrows())
         .filter(|&i| shift.row(i).iter().any(|&x| x != 0.0))
         .collect();
     if moved.is_empty() {
         return Ok(Operator::identity(d));
-    }
-    if 2 * moved.len() >= d {
-        // As many moved positions as half the width (many edits at once):
-        // factors would save nothing, and forming Σ c (c* − c)ᵀ `[d, d]`
-        // once costs a quarter of B = M⁻¹·C and its QR. Over every row: the
-        // rows that do not move add exact zeros, and no copy is made.
-        let m = system(&c, lambda, preserve);
-        let mut at = solve_spd(&m, &blocked_product(c.view(), shift.view()), lambda)?;
-        at.diag_mut().mapv_inplace(|x| x + 1.0);
-        return Ok(Operator {
-            repr: Repr::Dense(at),
-        });
     }
     let moved_c = c.select(Axis(0), &moved);
     shift = shift.select(Axis(0), &moved);
@@ -277,8 +278,8 @@ pub fn solve_preserving<T: Copy + Into<f64> + Sync>(
     let b = match preserve {
         None => inverse_times_moved(&c, &moved, lambda)?,
         Some(_) => solve_spd(
-            &system(&c, lambda, preserve),
-            &moved_c.reversed_axes(),
+            &system(blocked_gram(c.view()), lambda, preserve),
+            moved_c.t(),
             lambda,
         )?,
     };
@@ -295,13 +296,13 @@ pub fn solve_preserving<T: Copy + Into<f64> + Sync>(
     })
 }
 
-/// M = λI + Σ c cᵀ (+ s·Cₚ) `[d, d] f64` for the rows c `[n, d]`.
-fn system(c: &Array2<f64>, lambda: f64, preserve: Option<Preservation<'_>>) -> Array2<f64> {
-    let mut m = regularized_gram(c.view(), lambda);
+/// M = λI + Σ c cᵀ (+ s·Cₚ) `[d, d] f64` from the `gram` Σ c cᵀ.
+fn system(mut gram: Array2<f64>, lambda: f64, preserve: Option<Preservation<'_>>) -> Array2<f64> {
+    gram.diag_mut().mapv_inplace(|v| v + lambda);
     if let Some(p) = preserve {
-        m.scaled_add(p.scale, &p.gram);
+        gram.scaled_add(p.scale, &p.gram);
     }
-    m
+    gram
 }
 
 /// B = M⁻¹·C `[d, k] f64`, M = λI + cᵀ·c, for the rows c `[n, d]` and C the
@@ -323,10 +324,10 @@ fn inverse_times_moved(
             pick[[i, j]] = 1.0;
         }
         let g = regularized_gram(c.t(), lambda);
-        Ok(c.t().dot(&solve_spd(&g, &pick, lambda)?))
+        Ok(c.t().dot(&solve_spd(&g, pick.view(), lambda)?))
     } else {
         let m = regularized_gram(c.view(), lambda);
-        solve_spd(&m, &c.select(Axis(0), moved).reversed_axes(), lambda)
+        solve_spd(&m, c.select(Axis(0), moved).t(), lambda)
     }
 }
 
@@ -400,52 +401,172 @@ fn check_shapes<T>(
 /// The source embeddings as rows c `[pairs·seq, d] f64` and the shifts
 /// c* − c of the same rows in f64, row (p, i) of c* being
 /// `dst[p, maps[p][i]]` (a shift is exactly zero where c* = c), every
-/// embedding checked finite. Shapes are checked beforehand. The rows are split between two
-/// threads (20 edits are 6,160 rows of 768: ~40 ms on one).
-fn rows_and_shifts<T: Copy + Into<f64> + Sync>(
+/// embedding checked finite. Shapes are checked beforehand. For the few
+/// rows of the factored route; many rows go through [`dense_sums`].
+fn rows_and_shifts<T: Copy + Into<f64>>(
     src: ArrayView3<'_, T>,
     dst: ArrayView3<'_, T>,
     maps: &[Vec<usize>],
 ) -> Result<(Array2<f64>, Array2<f64>), EditError> {
     let (pairs, seq, d) = src.dim();
-    let n = pairs * seq;
-    let mut c = Array2::zeros((n, d));
-    let mut shift = Array2::zeros((n, d));
-    let fill = |first: usize, mut c: ArrayViewMut2<'_, f64>, mut shift: ArrayViewMut2<'_, f64>| {
-        for (k, (mut c_row, mut s_row)) in
-            c.rows_mut().into_iter().zip(shift.rows_mut()).enumerate()
-        {
-            let (pair, position) = ((first + k) / seq, (first + k) % seq);
-            widen_into(&mut c_row, src.slice(ndarray::s![pair, position, ..]));
-            check_finite(c_row.view(), "source", pair, position)?;
-            let index = maps
-                .get(pair)
-                .and_then(|map| map.get(position))
-                .copied()
-                .unwrap_or(position);
-            widen_into(&mut s_row, dst.slice(ndarray::s![pair, index, ..]));
-            check_finite(s_row.view(), "destination", pair, index)?;
-            s_row -= &c_row;
-        }
-        Ok::<(), EditError>(())
-    };
-    let half = n.div_ceil(2);
-    let (c_first, c_second) = c.view_mut().split_at(Axis(0), half);
-    let (s_first, s_second) = shift.view_mut().split_at(Axis(0), half);
-    let (first, second) = std::thread::scope(|scope| {
-        let second = scope.spawn(|| fill(half, c_second, s_second));
-        let first = fill(0, c_first, s_first);
-        // A panic in the widening is a bug: passed on as it is.
-        (
-            first,
-            second
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-        )
-    });
-    // The first bad row in row order, whichever thread found it.
-    first.and(second)?;
+    let mut c = Array2::zeros((pairs * seq, d));
+    let mut shift = Array2::zeros((pairs * seq, d));
+    for (r, (mut c_row, mut s_row)) in c.rows_mut().into_iter().zip(shift.rows_mut()).enumerate() {
+        let (pair, position) = (r / seq, r % seq);
+        widen_into(&mut c_row, src.slice(s![pair, position, ..]));
+        check_finite(c_row.view(), "source", pair, position)?;
+        let index = maps[pair][position];
+        widen_into(&mut s_row, dst.slice(s![pair, index, ..]));
+        check_finite(s_row.view(), "destination", pair, index)?;
+        s_row -= &c_row;
+    }
     Ok((c, shift))
+}
+
+/// How many rows (pair, position) move: c* ≠ c in some component.
+fn count_moved<T: Copy + Into<f64>>(
+    src: ArrayView3<'_, T>,
+    dst: ArrayView3<'_, T>,
+    maps: &[Vec<usize>],
+) -> usize {
+    let mut moved = 0;
+    for (pair, (from, to)) in src.outer_iter().zip(dst.outer_iter()).enumerate() {
+        for (position, c) in from.outer_iter().enumerate() {
+            let c_star = to.row(maps[pair][position]);
+            moved += usize::from(c.iter().zip(c_star).any(|(&a, &b)| a.into() != b.into()));
+        }
+    }
+    moved
+}
+
+/// Rows per chunk in [`dense_sums`], and the number of running sums the
+/// chunks are dealt to. Fixed, not derived from the core count: the sums
+/// are then added in the same order whatever the machine, and an edit
+/// comes out the same on two cores as on sixty-four. Two sums, so two
+/// threads: each sum is 9.4 MB of fresh memory for d = 768, and on the
+/// 2-core VMs measured (Zen 4) page faults cost ~0.55 ms a MB, more than a
+/// further thread would save (four sums of 256 rows: 200–235 ms, two of
+/// 512: 163–185 ms).
+const CHUNK: usize = 512;
+const LANES: usize = 2;
+
+/// Σ c cᵀ and Σ (c* − c) cᵀ `[d, d] f64` over every row (pair, position)
+/// of many edits solved together (20 edits: 6,160 rows of 768), every
+/// embedding checked finite.
+///
+/// The rows are widened to f64 [`CHUNK`] at a time into a buffer each sum
+/// reuses, and each chunk is added to one of [`LANES`] running sums with
+/// BLAS (`dsyrk` for the Gram, half a product; `dgemm` over the moved rows
+/// only, the others adding zeros). Chunk k goes to sum k mod [`LANES`], the
+/// sums added in order at the end. Widening every row up front instead took
+/// two 38 MB matrices (their page faults and a pass over memory), and the
+/// row bands of one long product packed each band's right-hand side again
+/// (20 edits, two Zen 4 cores: 26 + 60 + 95 ms that way, 163–185 ms this
+/// way, of which ~24 ms is OpenBLAS's first use of a buffer per thread).
+fn dense_sums<T: Copy + Into<f64> + Sync>(
+    src: ArrayView3<'_, T>,
+    dst: ArrayView3<'_, T>,
+    maps: &[Vec<usize>],
+) -> Result<(Array2<f64>, Array2<f64>), EditError> {
+    let (pairs, seq, d) = src.dim();
+    let chunks = (pairs * seq).div_ceil(CHUNK);
+    let lanes = LANES.min(chunks);
+    let lane = |l: usize| -> Result<(Array2<f64>, Array2<f64>), (usize, EditError)> {
+        let (mut gram, mut shifts) = (Array2::zeros((d, d)), Array2::zeros((d, d)));
+        let (mut c, mut shift) = (Array2::zeros((CHUNK, d)), Array2::zeros((CHUNK, d)));
+        for k in (l..chunks).step_by(lanes) {
+            let first = k * CHUNK;
+            let rows = CHUNK.min(pairs * seq - first);
+            // Moved rows first, then the others: `moved` rows of c pair
+            // with the rows of `shift`.
+            let (mut moved, mut still) = (0, rows);
+            for r in first..first + rows {
+                let (pair, position) = (r / seq, r % seq);
+                let index = maps[pair][position];
+                let (from, to) = (
+                    src.slice(s![pair, position, ..]),
+                    dst.slice(s![pair, index, ..]),
+                );
+                let moves = from.iter().zip(to).any(|(&a, &b)| a.into() != b.into());
+                let slot = if moves { moved } else { still - 1 };
+                let mut row = c.row_mut(slot);
+                widen_into(&mut row, from);
+                check_finite(row.view(), "source", pair, position).map_err(|e| (k, e))?;
+                if moves {
+                    let mut s_row = shift.row_mut(moved);
+                    widen_into(&mut s_row, to);
+                    check_finite(s_row.view(), "destination", pair, index).map_err(|e| (k, e))?;
+                    s_row -= &c.row(moved);
+                    moved += 1;
+                } else {
+                    still -= 1;
+                }
+            }
+            add_gram(c.slice(s![..rows, ..]), &mut gram);
+            general_mat_mul(
+                1.0,
+                &shift.slice(s![..moved, ..]).t(),
+                &c.slice(s![..moved, ..]),
+                1.0,
+                &mut shifts,
+            );
+        }
+        Ok((gram, shifts))
+    };
+    let mut sums = in_parallel(lanes, lane);
+    sums.sort_by_key(|(l, _)| *l);
+    let (mut gram, mut shifts) = (Array2::zeros((d, d)), Array2::zeros((d, d)));
+    let mut first_bad: Option<(usize, EditError)> = None;
+    for (_, sum) in sums {
+        match sum {
+            Ok((g, p)) => {
+                gram += &g;
+                shifts += &p;
+            }
+            // The first bad row in row order, whichever lane met it.
+            Err((k, e)) if first_bad.as_ref().is_none_or(|(j, _)| k < *j) => {
+                first_bad = Some((k, e));
+            }
+            Err(_) => {}
+        }
+    }
+    if let Some((_, e)) = first_bad {
+        return Err(e);
+    }
+    // `dsyrk` filled the upper triangle.
+    for i in 0..d {
+        for j in 0..i {
+            gram[[i, j]] = gram[[j, i]];
+        }
+    }
+    Ok((gram, shifts))
+}
+
+/// `gram` += xᵀ·x for x `[k, d]` (standard layout), upper triangle only
+/// (BLAS `dsyrk`).
+fn add_gram(x: ArrayView2<'_, f64>, gram: &mut Array2<f64>) {
+    let (k, d) = x.dim();
+    assert!(x.is_standard_layout() && gram.is_standard_layout() && gram.dim() == (d, d));
+    let (Ok(n), Ok(k)) = (std::ffi::c_int::try_from(d), std::ffi::c_int::try_from(k)) else {
+        panic!("dsyrk of {k} × {d}: larger than BLAS's 32-bit sizes");
+    };
+    // SAFETY: x holds k×d values with leading dimension d, gram d×d with
+    // leading dimension d; BLAS writes only gram's upper triangle.
+    unsafe {
+        cblas_dsyrk(
+            CBLAS_ROW_MAJOR,
+            CBLAS_UPPER,
+            CBLAS_TRANS,
+            n,
+            k,
+            1.0,
+            x.as_ptr(),
+            n,
+            1.0,
+            gram.as_mut_ptr(),
+            n,
+        );
+    }
 }
 
 /// `row` ← `from` widened to f64, element by element (no temporary).
@@ -473,7 +594,26 @@ fn check_finite(
     }
 }
 
+/// CBLAS's `CblasRowMajor`, `CblasUpper` and `CblasTrans`.
+const CBLAS_ROW_MAJOR: std::ffi::c_int = 101;
+const CBLAS_UPPER: std::ffi::c_int = 121;
+const CBLAS_TRANS: std::ffi::c_int = 112;
+
 unsafe extern "C" {
+    /// C ← α·op(A)·op(A)ᵀ + β·C on one triangle of C (CBLAS, in OpenBLAS).
+    fn cblas_dsyrk(
+        order: std::ffi::c_int,
+        uplo: std::ffi::c_int,
+        trans: std::ffi::c_int,
+        n: std::ffi::c_int,
+        k: std::ffi::c_int,
+        alpha: f64,
+        a: *const f64,
+        lda: std::ffi::c_int,
+        beta: f64,
+        c: *mut f64,
+        ldc: std::ffi::c_int,
+    );
     /// OpenBLAS's thread count for the LAPACK and BLAS calls that follow.
     fn openblas_set_num_threads(n: std::ffi::c_int);
     /// LAPACK: solves A·X = B with A's Cholesky factor (column-major), in
@@ -513,39 +653,19 @@ fn regularized_gram(x: ArrayView2<'_, f64>, lambda: f64) -> Array2<f64> {
     gram
 }
 
-/// Output rows per band of [`blocked_product`] and [`blocked_gram`], and
+/// Output rows per band of [`blocked_gram`], and
 /// columns per block of [`solve_spd`]. Fixed, not derived from the core
 /// count: how OpenBLAS rounds an element depends on the shape of the product
 /// it is part of, so the bands must not change with the machine.
 const BLOCK: usize = 128;
 
-/// aᵀ·b `[m, k] f64` for a `[n, m]`, b `[n, k]`, as one product per band of
-/// [`BLOCK`] output rows, the bands shared out among one thread per core.
-///
-/// OpenBLAS runs on one thread here (see [`lapack_on_one_thread`]), so the
-/// many-row products of many edits solved together (Σ c(c* − c)ᵀ over ~6,000
-/// positions for 20 edits) would use one core. Bands of rows, not of
-/// columns: a thread then packs only its band of aᵀ, where bands of columns
-/// made every thread read all of a (two cores, 20 edits' 6,160 rows: 102 ms
-/// with column blocks, 70 with row bands). Each output element is one band's
-/// product whatever the number of threads, so the result does not depend on
-/// the machine's core count.
-fn blocked_product(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> Array2<f64> {
-    let mut out = Array2::zeros((a.ncols(), b.ncols()));
-    for (i, part) in in_parallel(a.ncols().div_ceil(BLOCK), |i| {
-        column_block(a, i).t().dot(&b)
-    }) {
-        out.slice_mut(ndarray::s![i * BLOCK..i * BLOCK + part.nrows(), ..])
-            .assign(&part);
-    }
-    out
-}
-
 /// xᵀ·x `[m, m] f64` for x `[n, m]`: each band of [`BLOCK`] rows from its
 /// diagonal rightwards as one product, mirrored below the diagonal
-/// (symmetric: ~(b + 1)/2b of the work for b bands), computed as
-/// [`blocked_product`] computes its bands. The widest band comes first, so
-/// the last to start is the narrowest.
+/// (symmetric: ~(b + 1)/2b of the work for b bands), the bands shared out
+/// among one thread per core (OpenBLAS itself runs on one, see
+/// [`lapack_on_one_thread`]); each element is one band's product whatever
+/// the number of threads. The widest band comes first, so the last to
+/// start is the narrowest.
 fn blocked_gram(x: ArrayView2<'_, f64>) -> Array2<f64> {
     let m = x.ncols();
     let mut out = Array2::zeros((m, m));
@@ -607,7 +727,11 @@ where
 /// the blocks on one thread per core (OpenBLAS itself on one thread, see
 /// [`lapack_on_one_thread`]), straight on column-major copies where
 /// ndarray-linalg's triangular solves copied each block twice more.
-fn solve_spd(m: &Array2<f64>, b: &Array2<f64>, lambda: f64) -> Result<Array2<f64>, EditError> {
+fn solve_spd(
+    m: &Array2<f64>,
+    b: ArrayView2<'_, f64>,
+    lambda: f64,
+) -> Result<Array2<f64>, EditError> {
     let failed = |source| EditError::NotPositiveDefinite { lambda, source };
     let l = m.cholesky(UPLO::Lower).map_err(failed)?;
     let (d, k) = b.dim();
@@ -740,15 +864,62 @@ mod tests {
     }
 
     #[test]
-    fn blocked_products_equal_the_plain_ones() {
+    fn blocked_gram_equals_the_plain_product() {
         // widths that are not multiples of the block, one below it
-        for (n, m, k) in [(300, 200, 131), (7, 90, 5), (1, 257, 256)] {
+        for (n, m) in [(300, 200), (7, 90), (1, 257)] {
             let a = Array2::from_shape_fn((n, m), |(i, j)| ((i * 31 + j * 17) % 13) as f64 - 6.0);
-            let b = Array2::from_shape_fn((n, k), |(i, j)| ((i * 7 + j * 5) % 11) as f64 / 3.0);
-            assert!(max_abs_diff(&blocked_product(a.view(), b.view()), &a.t().dot(&b)) < 1e-9);
             let g = blocked_gram(a.view());
             assert!(max_abs_diff(&g, &a.t().dot(&a)) < 1e-9);
             assert_eq!(g, g.t(), "symmetric exactly");
+        }
+    }
+
+    /// Embeddings `[pairs, seq, d]` f32 whose destination repeats the source
+    /// at the first `same` positions of every pair, and the identity maps.
+    fn rows(pairs: usize, seq: usize, d: usize, same: usize) -> (Array3<f32>, Array3<f32>) {
+        let src = Array3::from_shape_fn((pairs, seq, d), |(p, i, j)| {
+            ((p * 131 + i * 31 + j * 17) % 23) as f32 / 7.0 - 1.5
+        });
+        let dst = Array3::from_shape_fn((pairs, seq, d), |(p, i, j)| {
+            if i < same {
+                src[[p, i, j]]
+            } else {
+                ((p * 7 + i * 13 + j * 5) % 19) as f32 / 5.0 - 2.0
+            }
+        });
+        (src, dst)
+    }
+
+    #[test]
+    fn dense_sums_equal_the_plain_products() {
+        // one chunk, fewer chunks than lanes, more (the last one short)
+        for (pairs, seq, d) in [(2, 77, 12), (9, 77, 40), (20, 77, 16)] {
+            let (src, dst) = rows(pairs, seq, d, 5);
+            let maps: Vec<Vec<usize>> = (0..pairs)
+                .map(|p| (0..seq).map(|i| (i + p) % seq).collect())
+                .collect();
+            let (gram, shifts) = dense_sums(src.view(), dst.view(), &maps).unwrap();
+            let (c, shift) = rows_and_shifts(src.view(), dst.view(), &maps).unwrap();
+            assert!(max_abs_diff(&gram, &c.t().dot(&c)) < 1e-9);
+            assert_eq!(gram, gram.t(), "symmetric exactly");
+            assert!(max_abs_diff(&shifts, &shift.t().dot(&c)) < 1e-9);
+        }
+    }
+
+    #[test]
+    fn dense_sums_name_the_first_bad_row_whichever_lane_meets_it() {
+        let (mut src, mut dst) = rows(20, 77, 8, 0);
+        // rows 800 (chunk 3, lane 3) and 1300 (chunk 5, lane 1)
+        src[[10, 30, 0]] = f32::INFINITY;
+        dst[[16, 68, 2]] = f32::NAN;
+        let maps = vec![(0..77).collect::<Vec<_>>(); 20];
+        match dense_sums(src.view(), dst.view(), &maps) {
+            Err(EditError::NonFinite {
+                what: "source",
+                pair: 10,
+                position: 30,
+            }) => {}
+            other => panic!("{other:?}"),
         }
     }
 
