@@ -689,17 +689,17 @@ fn column_block(x: ArrayView2<'_, f64>, j: usize) -> ArrayView2<'_, f64> {
     x.slice_move(ndarray::s![.., j * BLOCK..end])
 }
 
-/// `f(i)` for every band i < `bands`, on one thread per core, each thread
-/// taking the next band in order when it is free; the results with their
-/// bands, in any order.
-fn in_parallel<F, T>(bands: usize, f: F) -> Vec<(usize, T)>
+/// `f(i)` for every task i < `tasks` (a band of rows, a running sum), on
+/// one thread per core, each thread taking the next task in order when it
+/// is free; the results with their tasks, in any order.
+fn in_parallel<F, T>(tasks: usize, f: F) -> Vec<(usize, T)>
 where
     F: Fn(usize) -> T + Sync,
     T: Send,
 {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .clamp(1, bands.max(1));
+        .clamp(1, tasks.max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -708,7 +708,7 @@ where
                 s.spawn(move || {
                     std::iter::from_fn(|| {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        (i < bands).then(|| (i, f(i)))
+                        (i < tasks).then(|| (i, f(i)))
                     })
                     .collect::<Vec<_>>()
                 })
