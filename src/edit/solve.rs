@@ -423,7 +423,7 @@ fn rows_and_shifts<T: Copy + Into<f64>>(
     Ok((c, shift))
 }
 
-/// How many rows (pair, position) move: c* ≠ c in some component.
+/// How many rows (pair, position) move (see [`moves`]).
 fn count_moved<T: Copy + Into<f64>>(
     src: ArrayView3<'_, T>,
     dst: ArrayView3<'_, T>,
@@ -432,11 +432,18 @@ fn count_moved<T: Copy + Into<f64>>(
     let mut moved = 0;
     for (pair, (from, to)) in src.outer_iter().zip(dst.outer_iter()).enumerate() {
         for (position, c) in from.outer_iter().enumerate() {
-            let c_star = to.row(maps[pair][position]);
-            moved += usize::from(c.iter().zip(c_star).any(|(&a, &b)| a.into() != b.into()));
+            moved += usize::from(moves(c, to.row(maps[pair][position])));
         }
     }
     moved
+}
+
+/// c* ≠ c in some component, compared as f64 (as the shift c* − c is).
+fn moves<T: Copy + Into<f64>>(
+    c: ndarray::ArrayView1<'_, T>,
+    c_star: ndarray::ArrayView1<'_, T>,
+) -> bool {
+    c.iter().zip(c_star).any(|(&a, &b)| a.into() != b.into())
 }
 
 /// Rows per chunk in [`dense_sums`], and the number of running sums the
@@ -487,12 +494,12 @@ fn dense_sums<T: Copy + Into<f64> + Sync>(
                     src.slice(s![pair, position, ..]),
                     dst.slice(s![pair, index, ..]),
                 );
-                let moves = from.iter().zip(to).any(|(&a, &b)| a.into() != b.into());
-                let slot = if moves { moved } else { still - 1 };
+                let moving = moves(from, to);
+                let slot = if moving { moved } else { still - 1 };
                 let mut row = c.row_mut(slot);
                 widen_into(&mut row, from);
                 check_finite(row.view(), "source", pair, position).map_err(|e| (k, e))?;
-                if moves {
+                if moving {
                     let mut s_row = shift.row_mut(moved);
                     widen_into(&mut s_row, to);
                     check_finite(s_row.view(), "destination", pair, index).map_err(|e| (k, e))?;
