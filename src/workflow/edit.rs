@@ -724,19 +724,25 @@ struct OpeningEncoder(Option<JoinHandle<Result<(Runtime, TextEncoders), EditJobE
 
 impl OpeningEncoder {
     /// When the UNet's bulk will be copied in the background (an output is
-    /// written) and the text encoders are small beside it, they run on one
-    /// thread: with two, ONNX Runtime's worker spins against the copy for
-    /// the one free core, which slowed both (measured on the full-size SD 1.x
-    /// model: the edit took 1.5–1.6 s this way, up to 2.4 s with two
-    /// threads). SDXL's text encoders are the longer part (fp16 UNet: the
-    /// edit took 14–17 s on one thread, 10.6–11 s on two), so from a quarter
-    /// of the UNet's bytes they get every core.
+    /// written) and the text encoders' work is small beside it, they run on
+    /// one thread: with two, ONNX Runtime's worker spins against the copy
+    /// for the one free core, which slowed both (measured on the full-size
+    /// SD 1.x model, one edit: 1.5–1.6 s this way, up to 2.4 s with two
+    /// threads). Their work grows with the prompts embedded, the copy's
+    /// with the UNet's bytes: SDXL's encoders are the longer part already
+    /// for one edit (fp16 UNet: 14–17 s on one thread, 10.6–11 s on two), and
+    /// so are SD 1.x's for 20 edits at once (160 prompts: the edit took
+    /// 32–37 s on one thread, 18 s on two, on a Zen 4 VM). One thread while
+    /// the encoders' bytes times the prompts stay under twice the UNet's
+    /// bytes, which for one edit with TIME's augmentations (8 prompts) is
+    /// the encoders under a quarter of the UNet.
     fn start(req: &EditRequest) -> Self {
         let side = req.text.clone();
         let beside_copy = match (&req.unet, &req.output) {
             (Some(unet), Some(_)) => {
                 let text: u64 = side.encoders.iter().map(|e| folder_bytes(&e.model)).sum();
-                text.saturating_mul(4) < folder_bytes(unet)
+                let prompts = u64::try_from(prompts_to_embed(req)).unwrap_or(u64::MAX);
+                text.saturating_mul(prompts) < folder_bytes(unet).saturating_mul(2)
             }
             _ => false,
         };
@@ -761,6 +767,22 @@ impl OpeningEncoder {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
+}
+
+/// How many prompts the edit runs through the text encoders: each pair's
+/// source and destination with every augmentation (a debias: the concept
+/// and each attribute with every augmentation), and the preserved prompts.
+fn prompts_to_embed(req: &EditRequest) -> usize {
+    let variants = 1 + req.augmentations.len();
+    let edited = match &req.debias {
+        Some(d) => (1 + d.attributes.len()) * variants,
+        None => 2 * req.edits.len() * variants,
+    };
+    let preserved = match &req.preserve {
+        Preserve::Prompts(p) => p.len(),
+        _ => 0,
+    };
+    edited + preserved
 }
 
 /// The bytes of the files in the folder of the model file `model` (the
@@ -935,5 +957,29 @@ impl Clock {
     fn lap(&mut self, name: &'static str) {
         self.laps.push((name, self.since.elapsed()));
         self.since = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_to_embed_counts_every_variant_and_the_preserved() {
+        let text = TextSide::single("te.onnx".into(), "tok".into());
+        let mut req = EditRequest::new(text, "a rose", "a blue rose");
+        // One pair with TIME's three augmentations: 4 sources, 4 destinations.
+        assert_eq!(prompts_to_embed(&req), 8);
+        req.edits = vec![req.edits[0].clone(); 20];
+        req.preserve = Preserve::Prompts(vec!["an apple".into(); 5]);
+        assert_eq!(prompts_to_embed(&req), 165);
+        req.debias = Some(DebiasRecord {
+            attributes: vec!["a man".into(), "a woman".into()],
+            wanted: vec![0.5, 0.5],
+            weights: vec![0.0, 0.0],
+        });
+        req.augmentations.clear();
+        // The concept and two attributes, no augmentation.
+        assert_eq!(prompts_to_embed(&req), 3 + 5);
     }
 }
