@@ -965,21 +965,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prompts_to_embed_counts_every_variant_and_the_preserved() {
-        let text = TextSide::single("te.onnx".into(), "tok".into());
+    fn prompts_to_embed_counts_what_the_text_side_prepares() {
+        // The estimate is made before tokenizing; it must match the prompts
+        // `prepare_text` then lists for the text encoder.
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sd-tiny/optimum"
+        );
+        let text = TextSide::single(
+            format!("{fixture}/text_encoder/model.onnx").into(),
+            format!("{fixture}/tokenizer").into(),
+        );
+        let prepared = |req: &EditRequest| {
+            let tokens = prepare_text(req).unwrap();
+            tokens.prompts.len() + tokens.kept.len()
+        };
         let mut req = EditRequest::new(text, "a rose", "a blue rose");
         // One pair with TIME's three augmentations: 4 sources, 4 destinations.
         assert_eq!(prompts_to_embed(&req), 8);
+        assert_eq!(prompts_to_embed(&req), prepared(&req));
         req.edits = vec![req.edits[0].clone(); 20];
         req.preserve = Preserve::Prompts(vec!["an apple".into(); 5]);
-        assert_eq!(prompts_to_embed(&req), 165);
+        assert_eq!(prompts_to_embed(&req), prepared(&req));
         req.debias = Some(DebiasRecord {
             attributes: vec!["a man".into(), "a woman".into()],
             wanted: vec![0.5, 0.5],
             weights: vec![0.0, 0.0],
         });
+        req.edits.truncate(1);
+        assert_eq!(prompts_to_embed(&req), prepared(&req));
         req.augmentations.clear();
-        // The concept and two attributes, no augmentation.
-        assert_eq!(prompts_to_embed(&req), 3 + 5);
+        assert_eq!(prompts_to_embed(&req), prepared(&req));
     }
 }
