@@ -469,7 +469,13 @@ const LANES: usize = 2;
 /// two 38 MB matrices (their page faults and a pass over memory), and the
 /// row bands of one long product packed each band's right-hand side again
 /// (20 edits, two Zen 4 cores: 26 + 60 + 95 ms that way, 163–185 ms this
-/// way, of which ~24 ms is OpenBLAS's first use of a buffer per thread).
+/// way). Each lane's first chunk writes its sums rather than adding to
+/// zeros, and the lanes are added onto the first one's: BLAS adding to a
+/// fresh zeroed matrix reads each page before writing it, and the write
+/// then replaces the shared zero page with a TLB flush on every core, an
+/// interrupt to each (a VM exit). The whole solve of those 20 edits with a
+/// prior, timed inside the tool on the same VM: 193–217 ms adding to zeros,
+/// 158–176 ms not.
 fn dense_sums<T: Copy + Into<f64> + Sync>(
     src: ArrayView3<'_, T>,
     dst: ArrayView3<'_, T>,
@@ -509,49 +515,57 @@ fn dense_sums<T: Copy + Into<f64> + Sync>(
                     still -= 1;
                 }
             }
-            add_gram(c.slice(s![..rows, ..]), &mut gram);
+            // A lane's first chunk overwrites its sums (β = 0): they are
+            // fresh zero pages, and BLAS reading them before writing would
+            // fault each page twice, the second time with a TLB flush on
+            // every core (an interrupt to each, which costs a VM exit).
+            let beta = if k == l { 0.0 } else { 1.0 };
+            add_gram(c.slice(s![..rows, ..]), beta, &mut gram);
             general_mat_mul(
                 1.0,
                 &shift.slice(s![..moved, ..]).t(),
                 &c.slice(s![..moved, ..]),
-                1.0,
+                beta,
                 &mut shifts,
             );
+        }
+        // `dsyrk` filled the upper triangle.
+        for i in 0..d {
+            for j in 0..i {
+                gram[[i, j]] = gram[[j, i]];
+            }
         }
         Ok((gram, shifts))
     };
     let mut sums = in_parallel(lanes, lane);
     sums.sort_by_key(|(l, _)| *l);
-    let (mut gram, mut shifts) = (Array2::zeros((d, d)), Array2::zeros((d, d)));
+    // The sums added in lane order onto the first lane's (not onto zeros:
+    // see the first chunk's β above).
+    let mut total: Option<(Array2<f64>, Array2<f64>)> = None;
     let mut first_bad: Option<(usize, EditError)> = None;
     for (_, sum) in sums {
-        match sum {
-            Ok((g, p)) => {
-                gram += &g;
-                shifts += &p;
+        match (sum, &mut total) {
+            (Ok((g, p)), Some((gram, shifts))) => {
+                *gram += &g;
+                *shifts += &p;
             }
+            (Ok(first), None) => total = Some(first),
             // The first bad row in row order, whichever lane met it.
-            Err((k, e)) if first_bad.as_ref().is_none_or(|(j, _)| k < *j) => {
+            (Err((k, e)), _) if first_bad.as_ref().is_none_or(|(j, _)| k < *j) => {
                 first_bad = Some((k, e));
             }
-            Err(_) => {}
+            (Err(_), _) => {}
         }
     }
     if let Some((_, e)) = first_bad {
         return Err(e);
     }
-    // `dsyrk` filled the upper triangle.
-    for i in 0..d {
-        for j in 0..i {
-            gram[[i, j]] = gram[[j, i]];
-        }
-    }
-    Ok((gram, shifts))
+    Ok(total.unwrap_or_else(|| (Array2::zeros((d, d)), Array2::zeros((d, d)))))
 }
 
-/// `gram` += xᵀ·x for x `[k, d]` (standard layout), upper triangle only
-/// (BLAS `dsyrk`).
-fn add_gram(x: ArrayView2<'_, f64>, gram: &mut Array2<f64>) {
+/// `gram` ← β·`gram` + xᵀ·x for x `[k, d]` (standard layout), upper
+/// triangle only (BLAS `dsyrk`; β = 0 does not read `gram`).
+fn add_gram(x: ArrayView2<'_, f64>, beta: f64, gram: &mut Array2<f64>) {
     let (k, d) = x.dim();
     assert!(x.is_standard_layout() && gram.is_standard_layout() && gram.dim() == (d, d));
     let (Ok(n), Ok(k)) = (std::ffi::c_int::try_from(d), std::ffi::c_int::try_from(k)) else {
@@ -569,7 +583,7 @@ fn add_gram(x: ArrayView2<'_, f64>, gram: &mut Array2<f64>) {
             1.0,
             x.as_ptr(),
             n,
-            1.0,
+            beta,
             gram.as_mut_ptr(),
             n,
         );
