@@ -67,7 +67,7 @@ fn a_circle_debiased_to_half_red_half_blue_lands_within_ten_points_over_64_seeds
     let mut judge = Classifier::open(&ClassifierSpec::Toy, &rt, &toy(), cpu_threads(2)).unwrap();
     let (operator, meta) = time_onnx::edit::operator_file::load(&op).unwrap();
     assert_eq!(
-        meta.debias.as_ref().unwrap().attributes,
+        meta.spec.debias.as_ref().unwrap().attributes,
         ATTRIBUTES.to_vec()
     );
     // Each attribute's share of all images (a circle of a third colour

@@ -230,7 +230,7 @@ fn check_uce(flavour: &str) {
         };
         let report = run(&req).unwrap_or_else(|e| panic!("{flavour}/{name}: {e}"));
         assert_eq!(
-            report.record.pairs().len(),
+            report.record.spec.pairs().len(),
             req.edits.len(),
             "{flavour}/{name}: the record lists every pair"
         );

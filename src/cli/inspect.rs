@@ -52,25 +52,26 @@ fn inspect_operator(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     } else {
         println!("{}", path.display());
         println!("  edit operator A: {d}×{d} f32, ‖A − I‖ = {change:.3e}");
-        if meta.edits.is_empty() {
-            println!("  source      {:?}", meta.source);
-            println!("  destination {:?}", meta.destination);
+        let spec = &meta.spec;
+        if spec.edits.is_empty() {
+            println!("  source      {:?}", spec.source);
+            println!("  destination {:?}", spec.destination);
         } else {
-            println!("  {} edits solved together:", meta.edits.len());
-            for e in &meta.edits {
+            println!("  {} edits solved together:", spec.edits.len());
+            for e in &spec.edits {
                 println!("    {:?} → {:?}", e.source, e.destination);
             }
         }
-        if meta.erase {
+        if spec.erase {
             println!("  UCE erase/replace (positions from the last word on)");
         }
-        if let Some(p) = &meta.preservation {
+        if let Some(p) = &spec.preservation {
             println!("  preserving  {} prompts at scale {}", p.prompts, p.scale);
         }
-        println!("  lambda      {}", meta.lambda);
-        println!("  augmentations {:?}", meta.augmentations);
+        println!("  lambda      {}", spec.lambda);
+        println!("  augmentations {:?}", spec.augmentations);
         println!("  text encoder fingerprint {}", meta.text_encoder);
-        println!("  written by {}", meta.tool);
+        println!("  written by {}", spec.tool);
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use super::Operator;
 use super::matrix_file::{self, Failure};
 #[cfg(doc)]
 use super::record::EditRecord;
-use super::record::{DebiasRecord, PreservationRecord, PromptPair};
+use super::record::EditSpec;
 
 /// The metadata key holding [`OperatorMeta`] as JSON.
 const META_KEY: &str = "time_onnx.operator";
@@ -25,29 +25,9 @@ const META_KEY: &str = "time_onnx.operator";
 /// What an operator file records besides A.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OperatorMeta {
-    /// Source prompt (of the first pair).
-    pub source: String,
-    /// Destination prompt.
-    pub destination: String,
-    /// Every pair, when several were solved together (see [`EditRecord::edits`]).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub edits: Vec<PromptPair>,
-    /// The preservation term, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preservation: Option<PreservationRecord>,
-    /// UCE erase/replace pairs (UCE's positions, guides that need not
-    /// contain the source's words) rather than TIME's.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub erase: bool,
-    /// A debias edit's attributes and weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub debias: Option<DebiasRecord>,
-    /// λ.
-    pub lambda: f64,
-    /// Augmentation prefixes used.
-    pub augmentations: Vec<String>,
-    /// "time-onnx <version>".
-    pub tool: String,
+    /// What was edited (the same fields as an edited UNet's record).
+    #[serde(flatten)]
+    pub spec: EditSpec,
     /// d, the text encoder's width.
     pub width: usize,
     /// [`crate::onnx::fingerprint::weights_fingerprint`] of the text encoder used.
@@ -127,4 +107,26 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<(Operator, OperatorMeta), Oper
     let op = Operator::from_transposed(a.reversed_axes().as_standard_layout().into_owned())
         .map_err(|e| invalid(e.to_string()))?;
     Ok((op, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Operator metadata as time-onnx wrote it before [`EditSpec`] was
+    /// split out: every field at the top level.
+    const OLDER: &str = r#"{"source":"a circle","destination":"a blue circle",
+        "preservation":{"prompts":153,"scale":0.1},"lambda":0.1,
+        "augmentations":["A photo of "],"tool":"time-onnx 0.1.0","width":64,
+        "text_encoder":"ab12"}"#;
+
+    #[test]
+    fn metadata_keeps_every_field_at_the_top_level() {
+        let meta: OperatorMeta = serde_json::from_str(OLDER).unwrap();
+        assert_eq!((meta.width, meta.spec.lambda), (64, 0.1));
+        assert_eq!(meta.spec.source, "a circle");
+        let written = serde_json::to_value(&meta).unwrap();
+        let older: serde_json::Value = serde_json::from_str(OLDER).unwrap();
+        assert_eq!(written, older, "the same fields, whatever their order");
+    }
 }

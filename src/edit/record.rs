@@ -40,9 +40,12 @@ pub struct DebiasRecord {
     pub weights: Vec<f64>,
 }
 
-/// One edit, as recorded.
+/// What was edited and how, and by which tool: the part an edited UNet's
+/// [`EditRecord`] and an operator file's metadata
+/// ([`super::operator_file::OperatorMeta`]) share, flattened into each, so
+/// both carry the same JSON fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EditRecord {
+pub struct EditSpec {
     /// Source prompt (of the first pair, when several were solved together).
     pub source: String,
     /// Destination prompt (of the first pair).
@@ -64,20 +67,13 @@ pub struct EditRecord {
     pub debias: Option<DebiasRecord>,
     /// λ.
     pub lambda: f64,
-    /// Whether keys were edited along with values.
-    pub keys: bool,
     /// The augmentation prefixes used.
     pub augmentations: Vec<String>,
     /// "time-onnx <version>".
     pub tool: String,
 }
 
-/// "time-onnx <version>", as records and files name their writer.
-pub fn tool() -> String {
-    format!("time-onnx {}", env!("CARGO_PKG_VERSION"))
-}
-
-impl EditRecord {
+impl EditSpec {
     /// Every (source, destination) pair of the edit, in order.
     pub fn pairs(&self) -> Vec<PromptPair> {
         if self.edits.is_empty() {
@@ -89,7 +85,24 @@ impl EditRecord {
             self.edits.clone()
         }
     }
+}
 
+/// One edit of a UNet, as recorded in it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EditRecord {
+    /// What was edited.
+    #[serde(flatten)]
+    pub spec: EditSpec,
+    /// Whether keys were edited along with values.
+    pub keys: bool,
+}
+
+/// "time-onnx <version>", as records and files name their writer.
+pub fn tool() -> String {
+    format!("time-onnx {}", env!("CARGO_PKG_VERSION"))
+}
+
+impl EditRecord {
     /// The `metadata_props` entry for this record as the `n`-th edit (from 1).
     pub fn metadata_entry(&self, n: usize) -> Result<(String, String), serde_json::Error> {
         Ok((format!("{RECORD_KEY}{n}"), serde_json::to_string(self)?))
@@ -110,4 +123,39 @@ pub fn previous_records(model: &Model) -> Vec<EditRecord> {
         .collect();
     numbered.sort_by_key(|(n, _)| *n);
     numbered.into_iter().map(|(_, r)| r).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as time-onnx wrote it before [`EditSpec`] was split out of
+    /// [`EditRecord`]: every field at the top level, `keys` after `lambda`.
+    const OLDER: &str = r#"{"source":"a circle","destination":"a blue circle",
+        "edits":[{"source":"a circle","destination":"a blue circle"},
+                 {"source":"a square","destination":"a yellow square"}],
+        "preservation":{"prompts":153,"scale":0.1},"erase":true,
+        "debias":{"attributes":["a red circle"],"wanted":[1.0],"weights":[0.5]},
+        "lambda":0.1,"keys":true,"augmentations":["A photo of "],"tool":"time-onnx 0.1.0"}"#;
+
+    #[test]
+    fn records_keep_every_field_at_the_top_level() {
+        let record: EditRecord = serde_json::from_str(OLDER).unwrap();
+        assert!(record.keys && record.spec.erase);
+        assert_eq!(record.spec.pairs().len(), 2);
+        assert_eq!(record.spec.preservation.as_ref().unwrap().prompts, 153);
+        let written = serde_json::to_value(&record).unwrap();
+        let older: serde_json::Value = serde_json::from_str(OLDER).unwrap();
+        assert_eq!(written, older, "the same fields, whatever their order");
+    }
+
+    #[test]
+    fn a_single_pair_writes_no_edits_list() {
+        let mut record: EditRecord = serde_json::from_str(OLDER).unwrap();
+        record.spec.edits.clear();
+        record.spec.erase = false;
+        let written = serde_json::to_value(&record).unwrap();
+        assert!(written.get("edits").is_none() && written.get("erase").is_none());
+        assert_eq!(record.spec.pairs()[0].destination, "a blue circle");
+    }
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::edit::operator_file::{self, OperatorFileError, OperatorMeta};
 use crate::edit::prior::{self, Prior, PriorFileError, PriorMeta};
 use crate::edit::record::{
-    self, DebiasRecord, EditRecord, PreservationRecord, PromptPair, previous_records,
+    self, DebiasRecord, EditRecord, EditSpec, PreservationRecord, PromptPair, previous_records,
 };
 use crate::edit::weights_file::{self, WeightsFileError};
 use crate::edit::{
@@ -338,23 +338,25 @@ pub fn run_with_progress(
     clock.lap("solve");
     let first = &req.edits[0];
     let record = EditRecord {
-        source: first.source.clone(),
-        destination: first.destination.clone(),
-        erase: req.erase,
-        debias: req.debias.clone(),
-        edits: if req.edits.len() > 1 {
-            req.edits.clone()
-        } else {
-            Vec::new()
+        spec: EditSpec {
+            source: first.source.clone(),
+            destination: first.destination.clone(),
+            erase: req.erase,
+            debias: req.debias.clone(),
+            edits: if req.edits.len() > 1 {
+                req.edits.clone()
+            } else {
+                Vec::new()
+            },
+            preservation: prior.as_ref().map(|p| PreservationRecord {
+                prompts: p.prompts(),
+                scale: req.preserve_scale,
+            }),
+            lambda: req.lambda,
+            augmentations: req.augmentations.clone(),
+            tool: record::tool(),
         },
-        preservation: prior.as_ref().map(|p| PreservationRecord {
-            prompts: p.prompts(),
-            scale: req.preserve_scale,
-        }),
-        lambda: req.lambda,
         keys: req.targets == Targets::KeysAndValues,
-        augmentations: req.augmentations.clone(),
-        tool: record::tool(),
     };
     if let Some(path) = &req.save_operator {
         let fingerprint = fingerprint.get()?.to_owned();
@@ -844,15 +846,7 @@ fn save_operator(
     path: &Path,
 ) -> Result<(), EditJobError> {
     let meta = OperatorMeta {
-        source: record.source.clone(),
-        destination: record.destination.clone(),
-        erase: record.erase,
-        debias: record.debias.clone(),
-        edits: record.edits.clone(),
-        preservation: record.preservation.clone(),
-        lambda: record.lambda,
-        augmentations: record.augmentations.clone(),
-        tool: record.tool.clone(),
+        spec: record.spec.clone(),
         width: operator.dim(),
         text_encoder: fingerprint,
     };

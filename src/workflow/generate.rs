@@ -402,8 +402,8 @@ impl Generator {
             }
             if meta.text_encoder != fingerprint && !force {
                 return Err(GenerateError::OtherTextEncoder {
-                    source_prompt: meta.source.clone(),
-                    destination: meta.destination.clone(),
+                    source_prompt: meta.spec.source.clone(),
+                    destination: meta.spec.destination.clone(),
                     theirs: meta.text_encoder.clone(),
                     ours: fingerprint,
                 });
