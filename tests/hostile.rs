@@ -1109,6 +1109,18 @@ fn bad_edit_lists_and_priors_are_named() {
             "line 2",
         ),
         (
+            "one source, two destinations",
+            vec![
+                "--edits".into(),
+                write(
+                    "d.csv",
+                    b"src,dst\na rose,a blue rose\na cup,a red cup\nA rose,a white rose\n",
+                )
+                .into(),
+            ],
+            "\"A rose\" is edited both to \"a blue rose\" and to \"a white rose\"",
+        ),
+        (
             "missing edits file",
             vec!["--edits".into(), dir.path().join("none.csv").into()],
             "none.csv",

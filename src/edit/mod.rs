@@ -119,6 +119,20 @@ pub enum EditError {
     /// An edit needs at least one (source, destination) pair.
     #[error("no edits given: at least one (source, destination) pair is needed")]
     NoEdits,
+    /// Edits solved together that send one source to two destinations (see
+    /// [`record::conflicting_pairs`]): the solve would average them.
+    #[error(
+        "edits conflict: {source_prompt:?} is edited both to {first:?} and to {second:?}; \
+         edits solved together need one destination per source"
+    )]
+    ConflictingEdits {
+        /// The source prompt.
+        source_prompt: String,
+        /// One destination.
+        first: String,
+        /// The other.
+        second: String,
+    },
     /// The preservation scale must be finite and ≥ 0 (0 preserves nothing).
     #[error("the preservation scale must be finite and >= 0, got {scale}")]
     BadPreserveScale {

@@ -18,6 +18,26 @@ pub struct PromptPair {
     pub destination: String,
 }
 
+/// The first two of `pairs` that send one source to two destinations (the
+/// earlier one first), which one solve cannot both honour. Prompts compare
+/// as the CLIP tokenizer reads them: letter case and runs of whitespace do
+/// not count.
+pub fn conflicting_pairs(pairs: &[PromptPair]) -> Option<(&PromptPair, &PromptPair)> {
+    let read = |text: &str| {
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    pairs.iter().enumerate().find_map(|(k, later)| {
+        let (source, destination) = (read(&later.source), read(&later.destination));
+        pairs[..k]
+            .iter()
+            .find(|p| read(&p.source) == source && read(&p.destination) != destination)
+            .map(|earlier| (earlier, later))
+    })
+}
+
 /// What an edit was told to leave alone (UCE's preservation term).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PreservationRecord {
@@ -147,6 +167,28 @@ mod tests {
         let written = serde_json::to_value(&record).unwrap();
         let older: serde_json::Value = serde_json::from_str(OLDER).unwrap();
         assert_eq!(written, older, "the same fields, whatever their order");
+    }
+
+    fn pair(source: &str, destination: &str) -> PromptPair {
+        PromptPair {
+            source: source.into(),
+            destination: destination.into(),
+        }
+    }
+
+    #[test]
+    fn one_source_with_two_destinations_conflicts() {
+        let pairs = [
+            pair("a cat", "a black cat"),
+            pair("a dog", "a brown dog"),
+            pair("A  cat", "a white cat"),
+        ];
+        let (earlier, later) = conflicting_pairs(&pairs).expect("a conflict");
+        assert_eq!((earlier, later), (&pairs[0], &pairs[2]));
+        // The same edit twice, written differently, is no conflict.
+        let same = [pair("a cat", "a black cat"), pair("A cat ", "a BLACK  cat")];
+        assert!(conflicting_pairs(&same).is_none());
+        assert!(conflicting_pairs(&pairs[..2]).is_none());
     }
 
     #[test]

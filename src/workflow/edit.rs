@@ -467,6 +467,14 @@ fn check(req: &EditRequest) -> Result<(), EditJobError> {
             }
         }
     }
+    if let Some((first, second)) = record::conflicting_pairs(&req.edits) {
+        return Err(EditError::ConflictingEdits {
+            source_prompt: second.source.clone(),
+            first: first.destination.clone(),
+            second: second.destination.clone(),
+        }
+        .into());
+    }
     if !(req.lambda.is_finite() && req.lambda > 0.0) {
         return Err(EditError::BadLambda { lambda: req.lambda }.into());
     }

@@ -312,19 +312,21 @@ pub fn run(req: &EvalRequest, progress: Progress) -> Result<Report, EvalJobError
 
 /// Rows solved together must not ask one source for two destinations.
 fn refuse_conflicts(rows: &[Row]) -> Result<(), EvalJobError> {
-    for (k, row) in rows.iter().enumerate() {
-        if let Some(other) = rows[..k]
-            .iter()
-            .find(|r| r.old == row.old && r.new != row.new)
-        {
-            return Err(EvalJobError::ConflictingRows {
-                source_prompt: row.old.clone(),
-                first: other.new.clone(),
-                second: row.new.clone(),
-            });
-        }
+    let pairs: Vec<PromptPair> = rows
+        .iter()
+        .map(|r| PromptPair {
+            source: r.old.clone(),
+            destination: r.new.clone(),
+        })
+        .collect();
+    match record::conflicting_pairs(&pairs) {
+        Some((first, second)) => Err(EvalJobError::ConflictingRows {
+            source_prompt: second.source.clone(),
+            first: first.destination.clone(),
+            second: second.destination.clone(),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The sessions and settings that generate and judge one row's images.
