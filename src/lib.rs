@@ -16,10 +16,12 @@
 //! - [`eval`] scores edits on TIMED-format datasets;
 //! - [`workflow`] wires the parts into the journeys the CLI runs (edit,
 //!   generate, eval);
-//! - [`staged`] makes every output file appear whole or not at all.
+//! - [`staged`] makes every output file appear whole or not at all;
+//!   [`bounded`] reads the small files a user names, up to a size.
 
 #![deny(missing_docs)]
 
+pub mod bounded;
 pub mod edit;
 pub mod eval;
 pub mod onnx;

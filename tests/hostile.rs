@@ -1121,6 +1121,11 @@ fn bad_edit_lists_and_priors_are_named() {
             "\"A rose\" is edited both to \"a blue rose\" and to \"a white rose\"",
         ),
         (
+            "endless edit list",
+            vec!["--edits".into(), "/dev/zero".into()],
+            "more than 64 MiB",
+        ),
+        (
             "missing edits file",
             vec!["--edits".into(), dir.path().join("none.csv").into()],
             "none.csv",

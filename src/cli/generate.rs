@@ -237,13 +237,15 @@ fn timed_generation(
 fn read_prompts(prompt: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Vec<String>> {
     let prompts: Vec<String> = match (prompt, file) {
         (Some(p), _) => vec![p],
-        (None, Some(file)) => std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect(),
+        (None, Some(file)) => {
+            time_onnx::bounded::read_to_string(&file, time_onnx::bounded::TEXT_LIMIT)
+                .with_context(|| format!("reading {}", file.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        }
         (None, None) => bail!("give --prompt or --prompts"),
     };
     if prompts.is_empty() {

@@ -50,7 +50,7 @@ pub(crate) fn load<M: DeserializeOwned>(
     key: &str,
     width: impl Fn(&M) -> usize,
 ) -> Result<(M, Vec<u8>), Failure> {
-    let bytes = std::fs::read(path).map_err(Failure::Io)?;
+    let bytes = crate::bounded::read(path, crate::bounded::MATRIX_LIMIT).map_err(Failure::Io)?;
     parse(&bytes, (name, dtype), key, width)
 }
 

@@ -77,9 +77,11 @@ pub fn save(path: &Path, op: &Operator, meta: &OperatorMeta) -> Result<(), Opera
 
 /// Reads an operator file: the operator (holding Aᵀ, f64) and its metadata.
 pub fn load(path: &Path) -> Result<(Operator, OperatorMeta), OperatorFileError> {
-    let bytes = std::fs::read(path).map_err(|source| OperatorFileError::Io {
-        path: path.to_path_buf(),
-        source,
+    let bytes = crate::bounded::read(path, crate::bounded::MATRIX_LIMIT).map_err(|source| {
+        OperatorFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     parse(&bytes, path)
 }

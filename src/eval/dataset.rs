@@ -117,10 +117,13 @@ pub fn read_edit_pairs(path: &Path) -> Result<Vec<PromptPair>, EvalError> {
 /// Reads a prompt list: one prompt a line, blank lines and lines starting
 /// with `#` skipped.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        crate::bounded::read_to_string(path, crate::bounded::TEXT_LIMIT).map_err(|source| {
+            EvalError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
     let prompts: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -159,10 +162,13 @@ fn bad_line(path: &Path) -> impl Fn(usize, String) -> EvalError + '_ {
 
 /// The records of the CSV file at `path`.
 fn read_csv(path: &Path) -> Result<Vec<Record>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        crate::bounded::read_to_string(path, crate::bounded::TEXT_LIMIT).map_err(|source| {
+            EvalError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
     parse_csv(&text).map_err(|(line, why)| bad_line(path)(line, why))
 }
 
