@@ -82,6 +82,44 @@ fn text_encoders_give_encode_prompts_embeddings() {
     }
 }
 
+/// More prompts than one text encoder run takes: every row, context and
+/// pooled, is still diffusers' embedding of its own prompt, in order.
+#[test]
+fn prompts_beyond_one_batch_keep_their_embeddings_in_order() {
+    let rt = Runtime::load().unwrap();
+    let side = TextSide::from_model_dir(&sdxl("optimum")).unwrap();
+    let tok = Tokenizers::open(&side).unwrap();
+    let mut enc = TextEncoders::open(&rt, &side, cpu_threads(1)).unwrap();
+    let index = json("goldens/sdxl/text.json");
+    let golden = tensors(&fixture("goldens/sdxl/text.safetensors"));
+    let prompts: Vec<&str> = index["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let n = 2 * time_onnx::text::encoder::BATCH + 3;
+    let ids: Vec<_> = (0..n)
+        .map(|r| tok.encode_padded(prompts[r % prompts.len()]).unwrap())
+        .collect();
+    let emb = enc.embed(&ids).unwrap();
+    let pooled = emb.pooled.as_ref().expect("SDXL gives a pooled embedding");
+    assert_eq!((emb.context.shape()[0], pooled.nrows()), (n, n));
+    for r in 0..n {
+        let i = r % prompts.len();
+        let d = max_diff(
+            emb.context.index_axis(ndarray::Axis(0), r).iter().copied(),
+            &golden[&format!("embeds.{i}")].1,
+        );
+        assert!(d <= 1e-5, "row {r}: context off by {d:.2e}");
+        let d = max_diff(
+            pooled.row(r).iter().copied(),
+            &golden[&format!("pooled.{i}")].1,
+        );
+        assert!(d <= 1e-5, "row {r}: pooled off by {d:.2e}");
+    }
+}
+
 /// `force_zeros_for_empty_prompt`: no negative prompt gives zeros for the
 /// unconditional row (context and pooled); a negative prompt gives its
 /// embeddings, as diffusers' SDXL pipeline does.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use time_onnx::eval::dataset::read_prompts;
+use time_onnx::text::encoder::BATCH;
 use time_onnx::workflow::prior::{self, PriorRequest};
 
 use super::text_side::TextSideArgs;
@@ -47,8 +48,8 @@ pub fn run(args: PriorArgs) -> anyhow::Result<()> {
         report.meta.width,
         req.output.display(),
         report.encoder_time.as_secs_f64(),
-        report.meta.prompts.div_ceil(prior::BATCH),
-        prior::BATCH,
+        report.meta.prompts.div_ceil(BATCH),
+        BATCH,
         report.total_time.as_secs_f64(),
     );
     Ok(())

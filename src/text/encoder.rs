@@ -69,6 +69,36 @@ impl TextEncoder {
         })
     }
 
+    /// [`Self::embed`] over runs of at most [`BATCH`] sequences, the results
+    /// stacked in order.
+    fn embed_in_batches(
+        &mut self,
+        ids: &[&[u32]],
+    ) -> Result<(Array3<f32>, Option<Array2<f32>>), SessionError> {
+        if ids.len() <= BATCH {
+            return self.embed(ids);
+        }
+        let (mut states, mut pooled) = (Vec::new(), Vec::new());
+        for chunk in ids.chunks(BATCH) {
+            let (s, p) = self.embed(chunk)?;
+            states.push(s);
+            pooled.extend(p);
+        }
+        let stack = |e: ndarray::ShapeError| {
+            self.session
+                .interface(format!("the runs' outputs do not line up: {e}"))
+        };
+        let views: Vec<_> = states.iter().map(|s| s.view()).collect();
+        let states = concatenate(Axis(0), &views).map_err(stack)?;
+        let pooled = if pooled.is_empty() {
+            None
+        } else {
+            let views: Vec<_> = pooled.iter().map(|p| p.view()).collect();
+            Some(concatenate(Axis(0), &views).map_err(stack)?)
+        };
+        Ok((states, pooled))
+    }
+
     /// Embeds a batch of padded id sequences in one run: `[n, L, d] f32`
     /// (fp16 outputs are widened), and `[n, p]` pooled embeddings when the
     /// encoder was opened for them.
@@ -150,6 +180,13 @@ fn penultimate(session: &Session) -> Result<String, SessionError> {
     }
 }
 
+/// Prompts per text encoder run: the activations of one run grow with the
+/// batch (SD's encoder holds 64·77·768 f32, 15 MB, of output alone per 64
+/// prompts, and ~10× that inside), and larger batches were no faster on
+/// two cores; a thousand edits at once then need no more working memory
+/// than one batch.
+pub const BATCH: usize = 64;
+
 /// Every text encoder of a model, run in turn on the same prompts, their
 /// states concatenated in order into the UNet's context.
 pub struct TextEncoders {
@@ -199,8 +236,9 @@ impl TextEncoders {
         Ok(Self { parts })
     }
 
-    /// The context of each prompt, `[n, L, Σ widths] f32`, in one run per
-    /// encoder, and the pooled embeddings when the encoders give them.
+    /// The context of each prompt, `[n, L, Σ widths] f32`, in runs of at
+    /// most [`BATCH`] prompts per encoder, and the pooled embeddings when the
+    /// encoders give them.
     pub fn embed(&mut self, ids: &[PromptIds]) -> Result<Embedded, SessionError> {
         let mut states = Vec::with_capacity(self.parts.len());
         let mut widths = Vec::with_capacity(self.parts.len());
@@ -210,7 +248,7 @@ impl TextEncoders {
                 .iter()
                 .map(|p| p.get(k).map_or(&[][..], Vec::as_slice))
                 .collect();
-            let (s, p) = part.embed(&own)?;
+            let (s, p) = part.embed_in_batches(&own)?;
             widths.push(s.shape()[2]);
             states.push(s);
             pooled = p.or(pooled);

@@ -8,14 +8,10 @@ use std::time::{Duration, Instant};
 use crate::edit::prior::{self, Prior, PriorMeta};
 use crate::edit::record;
 use crate::runtime::{Device, Runtime, SessionOptions};
-use crate::text::encoder::TextEncoders;
+use crate::text::encoder::{BATCH, TextEncoders};
 use crate::text::{PromptIds, TextSide, Tokenizers};
 
 use super::edit::EditJobError;
-
-/// Prompts per text encoder run: SD's encoder holds 64·77·768 f32 (15 MB)
-/// of output per batch, and larger batches were no faster on two cores.
-pub const BATCH: usize = 64;
 
 /// What to build.
 #[derive(Clone, Debug)]
