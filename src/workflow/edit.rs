@@ -29,6 +29,7 @@ use crate::onnx::cross_attention::{self, LocateError, Projection, Role};
 use crate::onnx::module_paths::{UnetLayout, fill_module_paths};
 use crate::onnx::patch::{self, TensorPatch, WriteError, Written};
 use crate::onnx::{Model, OnnxError};
+use crate::pipeline::memory;
 use crate::runtime::{Device, LoadError, Runtime, SessionError, SessionOptions};
 use crate::text::encoder::{Embedded, TextEncoders};
 use crate::text::{PromptIds, TextError, TextSide, Tokenizers};
@@ -191,6 +192,19 @@ pub enum EditJobError {
         /// What the encoders give, e.g. "64 (32 + 32)".
         encoders: String,
     },
+    /// More prompts than their embeddings can be held for.
+    #[error(
+        "the {prompts} prompts of this edit need {need_mib} MiB for their embeddings, more than \
+         the {available_mib} MiB available: solve fewer edits at once"
+    )]
+    TooManyPrompts {
+        /// Prompts to embed (every pair's augmented source and destination).
+        prompts: usize,
+        /// MiB their embeddings take.
+        need_mib: u64,
+        /// MiB the system says are available.
+        available_mib: u64,
+    },
     /// A debias request that does not add up.
     #[error("a debias edit takes {why}")]
     BadDebias {
@@ -282,6 +296,13 @@ pub fn run_with_progress(
     clock.lap("read UNet");
 
     let text = prepare_text(req)?;
+    if let Some(width) = unet
+        .as_ref()
+        .and_then(|(_, p)| p.first())
+        .map(Projection::width)
+    {
+        check_embeddings_fit(&text, width, memory::available())?;
+    }
     clock.lap("tokenize");
     // The prompts align: the edit will happen, so start copying the UNet's
     // bulk now, behind the text encoder and the solve.
@@ -557,6 +578,29 @@ struct Tokens {
     /// Debias: per augmented concept prompt, the rows of the concept, then
     /// of each attribute (whose ids follow the concept's, attribute-major).
     debias: Option<Vec<Vec<Range<usize>>>>,
+}
+
+/// Refuses, before the text encoder runs, prompts whose embeddings
+/// (`[prompts, L, width] f32`, all held for the solve) do not fit in the
+/// memory `available` (not checked when unknown).
+fn check_embeddings_fit(
+    text: &Tokens,
+    width: usize,
+    available: Option<u64>,
+) -> Result<(), EditJobError> {
+    let length = text.ids.first().and_then(|p| p.first()).map_or(0, Vec::len);
+    let need = [text.prompts.len(), length, width, 4]
+        .into_iter()
+        .try_fold(1u64, |n, k| n.checked_mul(u64::try_from(k).ok()?))
+        .unwrap_or(u64::MAX);
+    match available {
+        Some(available) if need > available => Err(EditJobError::TooManyPrompts {
+            prompts: text.prompts.len(),
+            need_mib: need.div_ceil(1 << 20),
+            available_mib: available >> 20,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Tokenize and align: everything about the prompts that can fail before the
@@ -998,5 +1042,36 @@ mod tests {
         assert_eq!(prompts_to_embed(&req), prepared(&req));
         req.augmentations.clear();
         assert_eq!(prompts_to_embed(&req), prepared(&req));
+    }
+
+    #[test]
+    fn embeddings_that_do_not_fit_are_refused_before_the_encoder_runs() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sd-tiny/optimum"
+        );
+        let text = TextSide::single(
+            format!("{fixture}/text_encoder/model.onnx").into(),
+            format!("{fixture}/tokenizer").into(),
+        );
+        let mut req = EditRequest::new(text, "a rose", "a blue rose");
+        req.edits = vec![req.edits[0].clone(); 1000];
+        let tokens = prepare_text(&req).unwrap();
+        // 1,000 pairs × 8 prompts × 77 positions × 768 × 4 bytes.
+        let need = 8000 * 77 * 768 * 4;
+        assert!(check_embeddings_fit(&tokens, 768, Some(need)).is_ok());
+        assert!(check_embeddings_fit(&tokens, 768, None).is_ok());
+        let err = check_embeddings_fit(&tokens, 768, Some(need - 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EditJobError::TooManyPrompts {
+                    prompts: 8000,
+                    need_mib: 1805,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }
