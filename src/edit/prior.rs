@@ -75,7 +75,7 @@ pub struct PriorMeta {
     /// [`crate::onnx::fingerprint::weights_fingerprint`] of the text encoder
     /// that embedded the prompts: a prior from another encoder is refused.
     pub text_encoder: String,
-    /// "time-onnx <version>".
+    /// `"time-onnx <version>"`.
     pub tool: String,
 }
 

@@ -89,7 +89,7 @@ pub struct EditSpec {
     pub lambda: f64,
     /// The augmentation prefixes used.
     pub augmentations: Vec<String>,
-    /// "time-onnx <version>".
+    /// `"time-onnx <version>"`.
     pub tool: String,
 }
 
@@ -117,7 +117,7 @@ pub struct EditRecord {
     pub keys: bool,
 }
 
-/// "time-onnx <version>", as records and files name their writer.
+/// `"time-onnx <version>"`, as records and files name their writer.
 pub fn tool() -> String {
     format!("time-onnx {}", env!("CARGO_PKG_VERSION"))
 }

@@ -10,7 +10,7 @@ use super::{Model, OnnxError};
 const MIN_ELEMENTS: usize = 256;
 
 /// SHA-256 over the weights: each float initializer of at least
-/// [`MIN_ELEMENTS`] elements is hashed (type, shape, bytes), and the sorted
+/// `MIN_ELEMENTS` (256) elements is hashed (type, shape, bytes), and the sorted
 /// list of those hashes is hashed again, as hex.
 ///
 /// Names, order and storage are ignored, so the same weights exported by

@@ -1,4 +1,4 @@
-//! ONNX files: the protobuf schema we read ([`proto`], [`wire`] for writing
+//! ONNX files: the protobuf schema we read ([`proto`], `wire` for writing
 //! at the wire level), opening models without copying their weights and
 //! locating tensor bytes, inline or in external data ([`Model`]); the UNet's
 //! cross-attention K/V weights found by graph structure

@@ -99,7 +99,7 @@ pub struct Written {
 ///
 /// The copy is the floor of the whole edit: gigabytes written at the speed
 /// of the disk, directly from the source's pages where the filesystem lets
-/// us ([`copy_direct`]), so that it costs the text encoders running
+/// us (`copy_direct`), so that it costs the text encoders running
 /// meanwhile almost no CPU. Starting it before the text encoder runs hides
 /// that work behind the computation instead of adding to it. Dropping a
 /// `Copying` stops the thread within one step and removes the temporary

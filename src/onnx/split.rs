@@ -6,7 +6,7 @@
 //! and their products are handed to the rest of the UNet as inputs, bound
 //! once. Same operations, same order: the predictions are bit-identical.
 //!
-//! Both halves are written from the original file's bytes (see [`super::wire`]):
+//! Both halves are written from the original file's bytes (see `onnx::wire`):
 //! nodes, initializers and everything our schema does not decode are copied,
 //! not re-encoded, and external-data references keep pointing at the UNet's
 //! weight file.
