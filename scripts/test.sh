@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs the whole test suite:
-# formatting, clippy with warnings as errors, and every test.
+# formatting, clippy and rustdoc with warnings as errors, and every test.
 # This is the README's test command; .ci/run calls it and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ cargo fmt --all -- --check
 cargo fmt --all --manifest-path fuzz/Cargo.toml -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --release --locked --all-targets -- -D warnings
+step "cargo doc (warnings are errors: links and examples in doc comments stay true)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
 step "cargo test"
 cargo test --release --locked
 step "the serve page in headless chromium (installed when missing)"
