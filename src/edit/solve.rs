@@ -928,6 +928,24 @@ mod tests {
     }
 
     #[test]
+    fn dense_sums_hold_when_a_lane_starts_with_no_moved_row() {
+        // Chunk 0 (lane 0's first, written rather than added to) is rows
+        // 0..512 of pairs that do not move at all; later pairs move.
+        let (pairs, seq, d) = (12, 77, 16);
+        let (src, mut dst) = rows(pairs, seq, d, 0);
+        for p in 0..7 {
+            dst.slice_mut(s![p, .., ..])
+                .assign(&src.slice(s![p, .., ..]));
+        }
+        let maps: Vec<Vec<usize>> = (0..pairs).map(|_| (0..seq).collect()).collect();
+        let (gram, shifts) = dense_sums(src.view(), dst.view(), &maps).unwrap();
+        let (c, shift) = rows_and_shifts(src.view(), dst.view(), &maps).unwrap();
+        assert!(max_abs_diff(&gram, &c.t().dot(&c)) < 1e-9);
+        assert!(max_abs_diff(&shifts, &shift.t().dot(&c)) < 1e-9);
+        assert!(shifts.iter().any(|&x| x != 0.0));
+    }
+
+    #[test]
     fn dense_sums_name_the_first_bad_row_whichever_lane_meets_it() {
         let (mut src, mut dst) = rows(20, 77, 8, 0);
         // rows 800 (chunk 3, lane 3) and 1300 (chunk 5, lane 1)
