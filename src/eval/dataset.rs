@@ -117,13 +117,7 @@ pub fn read_edit_pairs(path: &Path) -> Result<Vec<PromptPair>, EvalError> {
 /// Reads a prompt list: one prompt a line, blank lines and lines starting
 /// with `#` skipped.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>, EvalError> {
-    let text =
-        crate::bounded::read_to_string(path, crate::bounded::TEXT_LIMIT).map_err(|source| {
-            EvalError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let text = read_text(path)?;
     let prompts: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -160,15 +154,19 @@ fn bad_line(path: &Path) -> impl Fn(usize, String) -> EvalError + '_ {
     }
 }
 
+/// The text of a list or dataset file, up to [`crate::bounded::TEXT_LIMIT`].
+fn read_text(path: &Path) -> Result<String, EvalError> {
+    crate::bounded::read_to_string(path, crate::bounded::TEXT_LIMIT).map_err(|source| {
+        EvalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
 /// The records of the CSV file at `path`.
 fn read_csv(path: &Path) -> Result<Vec<Record>, EvalError> {
-    let text =
-        crate::bounded::read_to_string(path, crate::bounded::TEXT_LIMIT).map_err(|source| {
-            EvalError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let text = read_text(path)?;
     parse_csv(&text).map_err(|(line, why)| bad_line(path)(line, why))
 }
 

@@ -1010,18 +1010,23 @@ impl Clock {
 mod tests {
     use super::*;
 
-    #[test]
-    fn prompts_to_embed_counts_what_the_text_side_prepares() {
-        // The estimate is made before tokenizing; it must match the prompts
-        // `prepare_text` then lists for the text encoder.
+    /// The sd-tiny fixture's text encoder and tokenizer.
+    fn tiny_text_side() -> TextSide {
         let fixture = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/sd-tiny/optimum"
         );
-        let text = TextSide::single(
+        TextSide::single(
             format!("{fixture}/text_encoder/model.onnx").into(),
             format!("{fixture}/tokenizer").into(),
-        );
+        )
+    }
+
+    #[test]
+    fn prompts_to_embed_counts_what_the_text_side_prepares() {
+        // The estimate is made before tokenizing; it must match the prompts
+        // `prepare_text` then lists for the text encoder.
+        let text = tiny_text_side();
         let prepared = |req: &EditRequest| {
             let tokens = prepare_text(req).unwrap();
             tokens.prompts.len() + tokens.kept.len()
@@ -1046,14 +1051,7 @@ mod tests {
 
     #[test]
     fn embeddings_that_do_not_fit_are_refused_before_the_encoder_runs() {
-        let fixture = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/sd-tiny/optimum"
-        );
-        let text = TextSide::single(
-            format!("{fixture}/text_encoder/model.onnx").into(),
-            format!("{fixture}/tokenizer").into(),
-        );
+        let text = tiny_text_side();
         let mut req = EditRequest::new(text, "a rose", "a blue rose");
         req.edits = vec![req.edits[0].clone(); 1000];
         let tokens = prepare_text(&req).unwrap();
