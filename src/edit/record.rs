@@ -29,12 +29,16 @@ pub fn conflicting_pairs(pairs: &[PromptPair]) -> Option<(&PromptPair, &PromptPa
             .join(" ")
             .to_lowercase()
     };
-    pairs.iter().enumerate().find_map(|(k, later)| {
-        let (source, destination) = (read(&later.source), read(&later.destination));
-        pairs[..k]
+    let read: Vec<(String, String)> = pairs
+        .iter()
+        .map(|p| (read(&p.source), read(&p.destination)))
+        .collect();
+    (0..pairs.len()).find_map(|k| {
+        let (source, destination) = &read[k];
+        read[..k]
             .iter()
-            .find(|p| read(&p.source) == source && read(&p.destination) != destination)
-            .map(|earlier| (earlier, later))
+            .position(|(s, d)| s == source && d != destination)
+            .map(|j| (&pairs[j], &pairs[k]))
     })
 }
 
